@@ -1,0 +1,3 @@
+from batchbench.main import run
+
+run()

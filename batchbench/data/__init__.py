@@ -1,0 +1,1 @@
+"""Data sources: embedded datasets and device-resident batching."""

@@ -1,0 +1,254 @@
+"""Mesh, train state, and the step factory: jitted, sharded, donated, AOT-compiled.
+
+One compiled *train call* runs ``steps_per_call`` optimizer steps (a ``lax.scan``)
+so small models are not bound by Python dispatch; each step accumulates
+gradients over ``accum_steps`` micro-batches (an inner ``lax.scan``) of loss
+*sums*, divided by the total example count, so the update equals the update on
+the whole global batch. Parameters are replicated and the batch is sharded along
+the mesh's ``data`` axis; XLA inserts the gradient all-reduce.
+
+The step is compiled ahead of time (``lower().compile()``) so compile seconds,
+memory and FLOPs are known before anything is timed, and a trial can never
+recompile: the compiled object only accepts the shapes it was built for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from batchbench import scaling
+from batchbench.config import TrialSpec
+from batchbench.data.device import DATA_AXIS, feed_sharding, replicated
+from batchbench.workloads.base import Workload
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # key for synthetic inputs
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D ``data`` mesh over the first ``num_devices`` devices (default: all).
+
+  Built as a plain ``Mesh`` so the axis type is Auto: ``jax.make_mesh`` now
+  defaults to Explicit axes, under which sharding propagation is stricter.
+  """
+  devices = jax.devices()
+  num_devices = num_devices or len(devices)
+  return Mesh(np.array(devices[:num_devices]), (DATA_AXIS,))
+
+
+def make_optimizer(spec: TrialSpec) -> optax.GradientTransformation:
+  """The optimizer with the trial's warmup/decay schedule around its peak LR."""
+  schedule = scaling.make_schedule(spec.lr, spec.warmup_steps, spec.schedule, spec.max_steps)
+  if spec.optimizer == "sgd":
+    sgd = optax.sgd(schedule, momentum=spec.momentum or None)
+    if spec.weight_decay:
+      return optax.chain(optax.add_decayed_weights(spec.weight_decay), sgd)
+    return sgd
+  if spec.optimizer == "adam":
+    return optax.adam(schedule)
+  return optax.adamw(schedule, weight_decay=spec.weight_decay)
+
+
+def init_state(workload: Workload, spec: TrialSpec, mesh: Mesh,
+               tx: optax.GradientTransformation) -> TrainState:
+  """Initialises the train state from the trial seed, replicated over ``mesh``."""
+
+  def init(seed):
+    init_key, data_key = jax.random.split(jax.random.key(seed))
+    params = workload.init(init_key)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=data_key)
+
+  return jax.jit(init, static_argnums=0, out_shardings=replicated(mesh))(spec.seed)
+
+
+def _memory_analysis(compiled) -> dict[str, int | None]:
+  """XLA's byte counts for a compiled program (per device).
+
+  ``peak_bytes`` is argument + output + temp - alias (on CPU the runtime's own
+  ``peak_memory_in_bytes`` omits temporaries, so it is computed from the parts).
+  """
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (backends may not implement it)
+    m = None
+  if m is None:
+    return {k: None for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
+                              "generated_code_bytes", "peak_bytes")}
+  out = {"argument_bytes": int(m.argument_size_in_bytes),
+         "output_bytes": int(m.output_size_in_bytes),
+         "alias_bytes": int(m.alias_size_in_bytes),
+         "temp_bytes": int(m.temp_size_in_bytes),
+         "generated_code_bytes": int(m.generated_code_size_in_bytes)}
+  out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+                       - out["alias_bytes"])
+  return out
+
+
+def _flops(lowered) -> float | None:
+  try:
+    cost = lowered.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+@dataclasses.dataclass
+class CompiledCall:
+  """An AOT-compiled function with what compiling it told us."""
+
+  fn: Callable[..., Any]
+  compile_s: float
+  memory: dict[str, int | None]
+  traces: list[int]  # one counter, incremented each time the Python body is traced
+
+  def __call__(self, *args):
+    return self.fn(*args)
+
+
+def _aot(fn, args, in_shardings, out_shardings, donate=()) -> tuple[CompiledCall, Any]:
+  start = time.perf_counter()
+  lowered = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                    donate_argnums=donate).lower(*args)
+  compiled = lowered.compile()
+  seconds = time.perf_counter() - start
+  return CompiledCall(compiled, seconds, _memory_analysis(compiled), []), lowered
+
+
+def _batch_fn(workload: Workload, spec: TrialSpec, mesh: Mesh):
+  """Returns ``get_batch(data, step_input, rng) -> (x, y, mask)`` for one micro-batch."""
+  batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+  micro = spec.micro_batch
+
+  def constrain(*arrays):
+    return tuple(jax.lax.with_sharding_constraint(a, batch_sharding) for a in arrays)
+
+  if workload.synthetic:
+    def get_batch(data, key, rng):
+      del data
+      key = jax.random.fold_in(rng, key)
+      kx, ky = jax.random.split(key)
+      x = jax.random.normal(kx, (micro, *workload.input_shape), workload.input_dtype)
+      y = jax.random.randint(ky, (micro,), 0, workload.num_classes)
+      return constrain(x, y, jnp.ones((micro,), jnp.float32))
+  else:
+    def get_batch(data, idx, rng):
+      del rng
+      train_x, train_y = data
+      return constrain(train_x[idx], train_y[idx], jnp.ones(idx.shape, jnp.float32))
+  return get_batch
+
+
+def make_train_call(workload: Workload, spec: TrialSpec, mesh: Mesh,
+                    tx: optax.GradientTransformation, traces: list[int]):
+  """The un-jitted train call: ``(state, data, feed) -> (state, losses[K])``.
+
+  ``feed`` is ``(K, accum, micro)`` example indices for an embedded dataset, or
+  ``(K, accum)`` integer keys for synthetic inputs.
+  """
+  get_batch = _batch_fn(workload, spec, mesh)
+  grad_fn = jax.value_and_grad(workload.loss, has_aux=True)
+
+  def train_step(state: TrainState, data, step_feed):
+    def accumulate(carry, micro_feed):
+      grads, loss_sum, count = carry
+      x, y, mask = get_batch(data, micro_feed, state.rng)
+      (micro_loss, micro_count), g = grad_fn(state.params, x, y, mask)
+      return (jax.tree.map(jnp.add, grads, g), loss_sum + micro_loss,
+              count + micro_count), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), step_feed)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, loss_sum / count
+
+  def train_call(state: TrainState, data, feed):
+    traces.append(1)
+    return jax.lax.scan(lambda s, f: train_step(s, data, f), state, feed)
+
+  return train_call
+
+
+def feed_shape(workload: Workload, spec: TrialSpec) -> tuple[int, ...]:
+  if workload.synthetic:
+    return (spec.steps_per_call, spec.accum_steps)
+  return (spec.steps_per_call, spec.accum_steps, spec.micro_batch)
+
+
+def feed_sharding_for(workload: Workload, mesh: Mesh) -> NamedSharding:
+  return replicated(mesh) if workload.synthetic else feed_sharding(mesh)
+
+
+def compile_train_call(workload: Workload, spec: TrialSpec, mesh: Mesh,
+                       tx: optax.GradientTransformation, state: TrainState,
+                       data) -> CompiledCall:
+  """Compiles the train call ahead of time for ``state`` and ``data``'s shapes.
+
+  The state argument is donated. Memory figures are XLA's, per device.
+  """
+  traces: list[int] = []
+  fn = make_train_call(workload, spec, mesh, tx, traces)
+  repl = replicated(mesh)
+  feed = jax.ShapeDtypeStruct(feed_shape(workload, spec), jnp.int32,
+                              sharding=feed_sharding_for(workload, mesh))
+  call, _ = _aot(fn, (state, data, feed), (repl, repl, feed.sharding), (repl, repl),
+                 donate=(0,))
+  call.traces = traces
+  return call
+
+
+def flops_per_step(workload: Workload, spec: TrialSpec, mesh: Mesh,
+                   tx: optax.GradientTransformation, state: TrainState, data) -> float | None:
+  """XLA's FLOP count of one optimizer step, all devices together.
+
+  XLA's cost analysis counts a loop body once, whatever its trip count, so the
+  fused call cannot be used: this lowers (without compiling) one unsharded step
+  with a single micro-batch and multiplies by ``accum_steps``.
+  """
+  one = dataclasses.replace(spec, steps_per_call=1, accum_steps=1,
+                            global_batch=spec.micro_batch)
+  fn = make_train_call(workload, one, make_mesh(1), tx, [])
+  feed = jax.ShapeDtypeStruct(feed_shape(workload, one), jnp.int32)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype), (state, data))
+  flops = _flops(jax.jit(fn).lower(*abstract, feed))
+  return None if flops is None else flops * spec.accum_steps
+
+
+def compile_eval_call(workload: Workload, mesh: Mesh, params, eval_data) -> CompiledCall:
+  """Compiles ``(params, (x, y, mask)) -> {metric: sum}`` over all eval chunks."""
+  traces: list[int] = []
+
+  def eval_call(params, eval_data):
+    traces.append(1)
+    def chunk(total, xym):
+      sums = workload.eval_sums(params, *xym)
+      return jax.tree.map(jnp.add, total, sums), None
+    zeros = jax.eval_shape(lambda: workload.eval_sums(params, *(a[0] for a in eval_data)))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+    return jax.lax.scan(chunk, zeros, eval_data)[0]
+
+  repl = replicated(mesh)
+  call, _ = _aot(eval_call, (params, eval_data), (repl, eval_data[0].sharding), repl)
+  call.traces = traces
+  return call

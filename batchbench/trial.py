@@ -1,0 +1,227 @@
+"""One trial: train a workload at one global batch to its target or budget, timed.
+
+The loop, per timing window: build the next call's inputs on the host, dispatch
+compiled train calls (each ``steps_per_call`` steps), and close the window with
+``jax.block_until_ready``; then check the losses for divergence and, on an eval
+boundary, evaluate and check the target. Evals and budgets fall on call
+boundaries. Every second goes to a ledger bucket (setup, compile, train, eval).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from batchbench import parallel
+from batchbench.config import TrialSpec
+from batchbench.data import device as device_data
+from batchbench.timing import TimeLedger, WindowTimer
+from batchbench.workloads import get_workload
+
+# Without evals (throughput-only workloads), close a timing window about every
+# this many examples, so there are enough windows for a median and an IQR.
+WINDOW_EXAMPLES = 32_768
+PROGRESS_EVERY_S = 2.0
+
+
+def _device_peak_bytes(mesh) -> int | None:
+  """The runtime's own peak memory over the mesh devices, where it reports one."""
+  peaks = []
+  for d in mesh.devices.flat:
+    try:
+      stats = d.memory_stats()
+    except Exception:  # pylint: disable=broad-except
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(int(stats["peak_bytes_in_use"]))
+  return max(peaks) if peaks else None
+
+
+class _Feed:
+  """Host-side inputs of each train call, already placed with their sharding."""
+
+  def __init__(self, workload, spec: TrialSpec, mesh):
+    self._sharding = parallel.feed_sharding_for(workload, mesh)
+    self._spec = spec
+    self._indices = None
+    if not workload.synthetic:
+      self._indices = device_data.EpochIndexFeeder(
+          spec.train_size, spec.global_batch, spec.accum_steps, spec.steps_per_call, spec.seed)
+
+  def __call__(self, first_step: int) -> jax.Array:
+    s = self._spec
+    if self._indices is not None:
+      host = self._indices.call_indices(first_step)
+    else:  # one key per (step, micro-batch) for synthetic inputs
+      host = (np.arange(first_step * s.accum_steps,
+                        (first_step + s.steps_per_call) * s.accum_steps, dtype=np.int64)
+              .reshape(s.steps_per_call, s.accum_steps) % (2**31 - 1)).astype(np.int32)
+    return jax.device_put(host, self._sharding)
+
+
+def run_trial(spec: TrialSpec, *, mesh=None, clock: Callable[[], float] = time.perf_counter,
+              log: Callable[[str], None] | None = print) -> dict[str, Any]:
+  """Runs one trial and returns its result row (see ``batchbench.results``).
+
+  Args:
+    spec: the resolved trial.
+    mesh: the device mesh; default a ``data`` mesh of ``spec.num_devices``.
+    clock: seconds clock (injectable for tests).
+    log: progress sink; None for silence.
+
+  Returns:
+    The result row. Divergence and a missed target are statuses, not exceptions.
+  """
+  log = log or (lambda _: None)
+  trial_start = clock()
+  ledger = TimeLedger(clock)
+  timer = WindowTimer(clock)
+  mesh = mesh or parallel.make_mesh(spec.num_devices)
+  workload = get_workload(spec.workload, dict(spec.workload_options))
+
+  with ledger.measure("setup"):
+    tx = parallel.make_optimizer(spec)
+    state = parallel.init_state(workload, spec, mesh, tx)
+    if workload.synthetic:
+      data, eval_data = (), None
+    else:
+      arrays = workload.data()
+      data = device_data.put_train_data(arrays, mesh)
+      eval_data = device_data.put_eval_data(arrays, mesh)
+    feed = _Feed(workload, spec, mesh)
+    flops = parallel.flops_per_step(workload, spec, mesh, tx, state, data)
+  with ledger.measure("compile"):
+    train_call = parallel.compile_train_call(workload, spec, mesh, tx, state, data)
+    eval_call = (parallel.compile_eval_call(workload, mesh, state.params, eval_data)
+                 if eval_data is not None else None)
+  compile_s = train_call.compile_s + (eval_call.compile_s if eval_call else 0.0)
+
+  k = spec.steps_per_call
+  eval_every = spec.eval_every_steps
+  calls_per_window = (max(1, eval_every // k) if eval_every else
+                      max(1, WINDOW_EXAMPLES // (k * spec.global_batch)))
+  step = 0
+  status, diverged_step, last_loss = None, None, None
+  history: list[dict[str, Any]] = []
+  to_target: dict[str, Any] = {}
+  last_log = clock()
+
+  def evaluate() -> dict[str, float]:
+    with ledger.measure("eval"):
+      sums = jax.device_get(eval_call(state.params, eval_data))
+    count = float(sums.pop("count"))
+    metrics = {name: float(v) / count for name, v in sums.items()}
+    history.append({"examples": step * spec.global_batch, "step": step,
+                    "train_s": ledger.seconds["train"], "metrics": metrics})
+    return metrics
+
+  log(f"[{spec.workload} B={spec.global_batch} lr={spec.lr:.4g} seed={spec.seed}] "
+      f"{spec.num_devices} device(s) x {spec.per_device_batch} x accum {spec.accum_steps}, "
+      f"{k} steps/call, compiled in {compile_s:.2f}s")
+  while status is None:
+    losses = []
+    window_start_step = step
+    timer.start()
+    train_start = clock()
+    for _ in range(calls_per_window):
+      with ledger.measure("input_wait"):
+        call_feed = feed(step)
+      state, call_losses = train_call(state, data, call_feed)
+      losses.append(call_losses)
+      step += k
+      if spec.max_steps and step >= spec.max_steps:
+        break
+    jax.block_until_ready((state, losses))
+    steps = step - window_start_step
+    timer.stop(steps * spec.global_batch, steps)
+    ledger.add("train", clock() - train_start)
+
+    window_losses = np.concatenate([np.asarray(x) for x in jax.device_get(losses)])
+    last_loss = float(window_losses[-1])
+    bad = np.flatnonzero(~np.isfinite(window_losses))
+    if bad.size:
+      diverged_step = window_start_step + int(bad[0]) + 1
+      status = "diverged"
+      break
+    if eval_call is not None and step % eval_every == 0:
+      metrics = evaluate()
+      if spec.target and not to_target and spec.target.met(metrics[spec.target.metric]):
+        to_target = _to_target_fields(spec, step, ledger, clock() - trial_start)
+        status = "ok"
+        break
+    if spec.max_steps and step >= spec.max_steps:
+      status = "ok" if spec.target is None else "target_not_reached"
+    elif spec.max_seconds and ledger.seconds["train"] >= spec.max_seconds:
+      status = "ok" if spec.target is None else "target_not_reached"
+    if clock() - last_log >= PROGRESS_EVERY_S or status:
+      last_log = clock()
+      shown = history[-1]["metrics"] if history else {}
+      metric = (f" | {spec.target.metric} {shown[spec.target.metric]:.4f}"
+                if spec.target and shown else "")
+      rate = timer.windows[-1].examples / max(timer.windows[-1].seconds, 1e-9)
+      log(f"  step {step:>7d} | {step * spec.global_batch:>9d} examples | loss "
+          f"{last_loss:.4f}{metric} | {rate:,.0f} samples/s")
+
+  final_eval_missing = not history or history[-1]["step"] != step
+  if eval_call is not None and status != "diverged" and final_eval_missing:
+    evaluate()
+  perf = timer.summary()
+  row = {
+      "trial_id": spec.trial_id, "workload": spec.workload, "status": status,
+      "error": f"non-finite loss at step {diverged_step}" if diverged_step else None,
+      "global_batch": spec.global_batch, "per_device_batch": spec.per_device_batch,
+      "accum_steps": spec.accum_steps, "num_devices": spec.num_devices,
+      "steps_per_call": k, "lr": spec.lr, "base_lr": spec.base_lr, "lr_rule": spec.lr_rule,
+      "lr_multiplier": spec.lr_multiplier, "reference_batch": spec.reference_batch,
+      "optimizer": spec.optimizer, "schedule": spec.schedule, "seed": spec.seed,
+      "steps": step, "examples": step * spec.global_batch,
+      "epochs": (step * spec.global_batch / spec.train_size) if spec.train_size else None,
+      "samples_per_sec": perf["samples_per_sec"],
+      "samples_per_sec_iqr": perf["samples_per_sec_iqr"],
+      "step_time_ms": perf["step_time_ms"], "timed_windows": perf["timed_windows"],
+      "compile_s": compile_s,
+      "memory": {**train_call.memory, "device_peak_bytes": _device_peak_bytes(mesh)},
+      "flops_per_step": flops,
+      "steps_to_target": None, "examples_to_target": None, "epochs_to_target": None,
+      "time_to_target_s": None, "time_to_target_wall_s": None,
+      **to_target,
+      "final_eval": history[-1]["metrics"] if history else None,
+      "final_train_loss": last_loss,
+      "target": None if spec.target is None else {
+          "metric": spec.target.metric, "value": spec.target.value,
+          "direction": spec.target.direction},
+      "eval_history": history, "time_ledger": ledger.as_dict(),
+      "traces": {"train": len(train_call.traces),
+                 "eval": len(eval_call.traces) if eval_call else 0},
+      "diverged_step": diverged_step, "resumes": 0, "wall_s": clock() - trial_start,
+      "spec": spec.to_dict(),
+  }
+  _log_summary(row, log)
+  return row
+
+
+def _to_target_fields(spec: TrialSpec, step: int, ledger: TimeLedger,
+                      wall: float) -> dict[str, Any]:
+  examples = step * spec.global_batch
+  return {"steps_to_target": step, "examples_to_target": examples,
+          "epochs_to_target": examples / spec.train_size if spec.train_size else None,
+          "time_to_target_s": ledger.seconds["train"], "time_to_target_wall_s": wall}
+
+
+def _log_summary(row: dict[str, Any], log: Callable[[str], None]) -> None:
+  rate = row["samples_per_sec"]
+  iqr = row["samples_per_sec_iqr"] or [math.nan, math.nan]
+  parts = [f"  -> {row['status']} after {row['steps']} steps"]
+  if rate:
+    parts.append(f"{rate:,.0f} samples/s (IQR {iqr[0]:,.0f}-{iqr[1]:,.0f})")
+  if row["steps_to_target"] is not None:
+    parts.append(f"target at step {row['steps_to_target']} in {row['time_to_target_s']:.2f}s "
+                 f"train / {row['time_to_target_wall_s']:.2f}s wall")
+  if row["final_eval"]:
+    parts.append(", ".join(f"{k} {v:.4f}" for k, v in sorted(row["final_eval"].items())))
+  log("; ".join(parts))
