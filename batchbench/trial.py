@@ -100,6 +100,14 @@ def run_trial(spec: TrialSpec, *, mesh=None, clock: Callable[[], float] = time.p
     eval_call = (parallel.compile_eval_call(workload, mesh, state.params, eval_data)
                  if eval_data is not None else None)
   compile_s = train_call.compile_s + (eval_call.compile_s if eval_call else 0.0)
+  peak = train_call.memory.get("peak_bytes")
+  if spec.memory_budget_bytes and peak is not None and peak > spec.memory_budget_bytes:
+    log(f"[{spec.workload} B={spec.global_batch}] compiled peak {peak:,} bytes exceeds "
+        f"memory_budget_bytes {spec.memory_budget_bytes:,}: recorded as oom without running")
+    return make_row(spec, status="oom", compile_s=compile_s, memory=train_call.memory,
+                    flops=flops, ledger=ledger, wall=clock() - trial_start,
+                    error=f"compiled peak {peak} bytes > memory_budget_bytes "
+                          f"{spec.memory_budget_bytes}")
 
   k = spec.steps_per_call
   eval_every = spec.eval_every_steps
@@ -171,37 +179,55 @@ def run_trial(spec: TrialSpec, *, mesh=None, clock: Callable[[], float] = time.p
   if eval_call is not None and status != "diverged" and final_eval_missing:
     evaluate()
   perf = timer.summary()
+  row = make_row(
+      spec, status=status, steps=step, perf=perf, compile_s=compile_s,
+      memory={**train_call.memory, "device_peak_bytes": _device_peak_bytes(mesh)},
+      flops=flops, history=history, ledger=ledger, wall=clock() - trial_start,
+      error=f"non-finite loss at step {diverged_step}" if diverged_step else None,
+      final_train_loss=last_loss, diverged_step=diverged_step,
+      traces={"train": len(train_call.traces),
+              "eval": len(eval_call.traces) if eval_call else 0},
+      **to_target)
+  _log_summary(row, log)
+  return row
+
+
+def make_row(spec: TrialSpec, *, status: str, ledger: TimeLedger | None = None,
+             steps: int = 0, perf: dict[str, Any] | None = None, compile_s: float | None = None,
+             memory: dict[str, Any] | None = None, flops: float | None = None,
+             history: list[dict[str, Any]] | None = None, wall: float | None = None,
+             error: str | None = None, **fields: Any) -> dict[str, Any]:
+  """A result row for ``spec`` with every schema key (None where not applicable).
+
+  Extra ``fields`` (time-to-target, traces, ...) override the defaults.
+  """
+  perf = perf or {}
+  history = history or []
   row = {
-      "trial_id": spec.trial_id, "workload": spec.workload, "status": status,
-      "error": f"non-finite loss at step {diverged_step}" if diverged_step else None,
+      "trial_id": spec.trial_id, "workload": spec.workload, "status": status, "error": error,
       "global_batch": spec.global_batch, "per_device_batch": spec.per_device_batch,
       "accum_steps": spec.accum_steps, "num_devices": spec.num_devices,
-      "steps_per_call": k, "lr": spec.lr, "base_lr": spec.base_lr, "lr_rule": spec.lr_rule,
-      "lr_multiplier": spec.lr_multiplier, "reference_batch": spec.reference_batch,
-      "optimizer": spec.optimizer, "schedule": spec.schedule, "seed": spec.seed,
-      "steps": step, "examples": step * spec.global_batch,
-      "epochs": (step * spec.global_batch / spec.train_size) if spec.train_size else None,
-      "samples_per_sec": perf["samples_per_sec"],
-      "samples_per_sec_iqr": perf["samples_per_sec_iqr"],
-      "step_time_ms": perf["step_time_ms"], "timed_windows": perf["timed_windows"],
-      "compile_s": compile_s,
-      "memory": {**train_call.memory, "device_peak_bytes": _device_peak_bytes(mesh)},
-      "flops_per_step": flops,
+      "steps_per_call": spec.steps_per_call, "lr": spec.lr, "base_lr": spec.base_lr,
+      "lr_rule": spec.lr_rule, "lr_multiplier": spec.lr_multiplier,
+      "reference_batch": spec.reference_batch, "optimizer": spec.optimizer,
+      "schedule": spec.schedule, "seed": spec.seed,
+      "steps": steps, "examples": steps * spec.global_batch,
+      "epochs": steps * spec.global_batch / spec.train_size if spec.train_size else None,
+      "samples_per_sec": perf.get("samples_per_sec"),
+      "samples_per_sec_iqr": perf.get("samples_per_sec_iqr"),
+      "step_time_ms": perf.get("step_time_ms"), "timed_windows": perf.get("timed_windows", 0),
+      "compile_s": compile_s, "memory": memory, "flops_per_step": flops,
       "steps_to_target": None, "examples_to_target": None, "epochs_to_target": None,
       "time_to_target_s": None, "time_to_target_wall_s": None,
-      **to_target,
-      "final_eval": history[-1]["metrics"] if history else None,
-      "final_train_loss": last_loss,
+      "final_eval": history[-1]["metrics"] if history else None, "final_train_loss": None,
       "target": None if spec.target is None else {
           "metric": spec.target.metric, "value": spec.target.value,
           "direction": spec.target.direction},
-      "eval_history": history, "time_ledger": ledger.as_dict(),
-      "traces": {"train": len(train_call.traces),
-                 "eval": len(eval_call.traces) if eval_call else 0},
-      "diverged_step": diverged_step, "resumes": 0, "wall_s": clock() - trial_start,
+      "eval_history": history, "time_ledger": ledger.as_dict() if ledger else None,
+      "traces": None, "diverged_step": None, "resumes": 0, "wall_s": wall,
       "spec": spec.to_dict(),
   }
-  _log_summary(row, log)
+  row.update(fields)
   return row
 
 
