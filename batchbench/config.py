@@ -91,6 +91,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.memory_budget_bytes = config_dict.placeholder(int)
   c.sweep = ml_collections.ConfigDict()
   c.sweep.global_batches = config_dict.placeholder(tuple)
+  c.sweep.batch_range = config_dict.placeholder(str)  # "8:1024": powers of two, inclusive
+  # Optional per-sweep overrides of the top-level fields of the same names.
+  c.sweep.lr_rule = config_dict.placeholder(str)
+  c.sweep.reference_batch = config_dict.placeholder(int)
+  c.sweep.warmup_examples = config_dict.placeholder(int)
+  c.sweep.schedule = config_dict.placeholder(str)
   c.sweep.lr_multipliers = (1.0,)
   c.sweep.seeds = (0,)
   return c
@@ -135,6 +141,16 @@ class TrialSpec:
   @property
   def steps_per_epoch(self) -> int | None:
     return self.train_size // self.global_batch if self.train_size else None
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> TrialSpec:
+    """Inverse of ``to_dict`` (used to hand a spec to a worker process)."""
+    d = dict(d)
+    d["workload_options"] = tuple(sorted(
+        (k, tuple(v) if isinstance(v, list) else v) for k, v in d["workload_options"].items()))
+    if d.get("target") is not None:
+      d["target"] = workloads_base.Target(**d["target"])
+    return cls(**d)
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)

@@ -21,6 +21,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, reports and checkpoints.")
 _QUIET = flags.DEFINE_bool("quiet", False, "Print only the final summary.")
+_ISOLATION = flags.DEFINE_enum(
+    "isolation", "none", ["none", "process"],
+    "sweep: run trials in this process, or each in its own process (a native crash or "
+    "leaked device memory then ends only that trial).")
 
 COMMANDS: dict[str, tuple[str, object]] = {}
 
@@ -68,6 +72,54 @@ def _trial(config, workdir, log) -> int:
     results.append_row(workdir, row)
   print(f"result appended to {os.path.join(workdir, results.RESULTS_FILE)}")
   return 0
+
+
+@command("sweep", "run every trial of the config's sweep section, then write the report")
+def _sweep(config, workdir, log) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from batchbench import config as config_lib, results, sweep  # pylint: disable=g-import-not-at-top
+
+  specs = sweep.expand(_require_config(config), jax.local_device_count())
+  workdir = config_lib.check_workdir(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    results.write_run_meta(workdir, results.run_metadata(config))
+  summary = sweep.run_sweep(specs, workdir, isolation=_ISOLATION.value, log=log,
+                            config_path=_config_path())
+  counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["statuses"].items())) or "none"
+  print(f"sweep: {summary['ran']} trial(s) run ({counts}), {summary['skipped']} already done")
+  return _write_report(workdir)
+
+
+def _write_report(workdir: str) -> int:
+  from batchbench import report, results  # pylint: disable=g-import-not-at-top
+
+  rows = results.read_results(workdir)
+  paths = report.write_report(workdir, rows)
+  print(report.format_table(rows))
+  print(report.recommend(rows)["text"])
+  print(f"report: {paths.get('report.html') or os.path.join(workdir, 'report')}")
+  return 0
+
+
+@command("report", "render the tables, plots and recommendation of a workdir's results")
+def _report(config, workdir, log) -> int:
+  from batchbench import config as config_lib, results  # pylint: disable=g-import-not-at-top
+  del config, log
+  from batchbench.config import ConfigError  # pylint: disable=g-import-not-at-top
+
+  workdir = config_lib.check_workdir(workdir)
+  if not os.path.exists(os.path.join(workdir, results.RESULTS_FILE)):
+    raise ConfigError("workdir", workdir, f"has no {results.RESULTS_FILE}; run a sweep there first")
+  return _write_report(workdir)
+
+
+def _config_path() -> str | None:
+  """The config file named by --config (without its ':arg' part), if any."""
+  raw = flags.FLAGS["config"].serialize().partition("=")[2]
+  path = raw.split(":", 1)[0]
+  return os.path.abspath(path) if path and os.path.exists(path) else None
 
 
 def main(argv) -> int:

@@ -65,12 +65,12 @@ STATUSES = ("ok", "target_not_reached", "diverged", "oom", "error")
 FINISHED_STATUSES = STATUSES  # every status is a finished outcome of a trial
 
 
-def _to_jsonable(value: Any) -> Any:
+def to_jsonable(value: Any) -> Any:
   """Converts numpy/jax scalars and arrays inside ``value`` to plain Python."""
   if isinstance(value, dict):
-    return {str(k): _to_jsonable(v) for k, v in value.items()}
+    return {str(k): to_jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_to_jsonable(v) for v in value]
+    return [to_jsonable(v) for v in value]
   if hasattr(value, "tolist"):  # numpy / jax arrays and scalars
     return value.tolist()
   if isinstance(value, float) and value != value:  # NaN is not valid JSON
@@ -87,7 +87,7 @@ def append_row(workdir: str, row: dict[str, Any]) -> None:
   with a newline so that the new row starts on a line of its own.
   """
   path = os.path.join(workdir, RESULTS_FILE)
-  line = json.dumps(_to_jsonable(row), sort_keys=True, allow_nan=False)
+  line = json.dumps(to_jsonable(row), sort_keys=True, allow_nan=False)
   fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
   try:
     size = os.fstat(fd).st_size
@@ -178,10 +178,10 @@ def run_metadata(config: Any, argv: Iterable[str] | None = None) -> dict[str, An
       "host": socket.gethostname(),
       "git_commit": _git_commit(),
       "argv": list(argv if argv is not None else sys.argv),
-      "config": _to_jsonable(config.to_dict() if hasattr(config, "to_dict") else config),
+      "config": to_jsonable(config.to_dict() if hasattr(config, "to_dict") else config),
   }
 
 
 def write_run_meta(workdir: str, meta: dict[str, Any]) -> None:
   atomic_write_text(os.path.join(workdir, META_FILE),
-                    json.dumps(_to_jsonable(meta), indent=2, sort_keys=True))
+                    json.dumps(to_jsonable(meta), indent=2, sort_keys=True))

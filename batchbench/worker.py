@@ -1,0 +1,31 @@
+"""Runs one trial in its own process: ``python -m batchbench.worker SPEC_JSON ROW_JSON``.
+
+Used by ``sweep --isolation=process``. The spec file holds the resolved spec, the
+config file path (imported first, so workloads it registers exist here too) and
+the trial directory; the row is written atomically to ``ROW_JSON``.
+"""
+
+import json
+import runpy
+import sys
+
+from batchbench import results, trial
+from batchbench.config import TrialSpec
+
+
+def main(spec_path: str, row_path: str) -> int:
+  with open(spec_path, encoding="utf-8") as f:
+    job = json.load(f)
+  if job.get("config_path"):
+    runpy.run_path(job["config_path"])  # registers any workloads the config defines
+  spec = TrialSpec.from_dict(job["spec"])
+  kwargs = {"log": lambda s: print(s, flush=True)}
+  if "workdir" in trial.run_trial.__code__.co_varnames:
+    kwargs["workdir"] = job["trial_dir"]
+  row = trial.run_trial(spec, **kwargs)
+  results.atomic_write_text(row_path, json.dumps(results.to_jsonable(row)))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(*sys.argv[1:]))
