@@ -12,7 +12,6 @@ only that trial (recorded as ``error`` with the signal).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -108,13 +107,6 @@ def _run_in_process(spec: TrialSpec, workdir: str, log, config_path: str | None)
   return trial.run_trial(spec, **kwargs)
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-  try:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-  except OSError:
-    pass
-
-
 def _run_subprocess(spec: TrialSpec, workdir: str, log, config_path: str | None):
   """Runs one trial in a fresh Python process; a crash becomes an ``error`` row."""
   with tempfile.TemporaryDirectory(prefix="batchbench-trial-") as tmp:
@@ -124,7 +116,7 @@ def _run_subprocess(spec: TrialSpec, workdir: str, log, config_path: str | None)
                  "trial_dir": trial_dir(workdir, spec)}, f)
     cmd = [sys.executable, "-m", "batchbench.worker", spec_path, out_path]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, preexec_fn=_die_with_parent, check=False)  # noqa: PLW1509
+    proc = subprocess.run(cmd, check=False, env=dict(os.environ, BATCHBENCH_PARENT_PID=str(os.getpid())))
     if proc.returncode == 0 and os.path.exists(out_path):
       with open(out_path, encoding="utf-8") as f:
         return json.load(f)

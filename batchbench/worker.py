@@ -5,15 +5,30 @@ config file path (imported first, so workloads it registers exist here too) and
 the trial directory; the row is written atomically to ``ROW_JSON``.
 """
 
+import ctypes
 import json
+import os
 import runpy
+import signal
 import sys
 
 from batchbench import results, trial
 from batchbench.config import TrialSpec
 
 
+def _die_with_parent() -> None:
+  """Asks the kernel to SIGKILL this process when the sweep process dies (Linux)."""
+  try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    return
+  parent = os.environ.get("BATCHBENCH_PARENT_PID")
+  if parent and os.getppid() != int(parent):  # the parent died before prctl took effect
+    sys.exit(1)
+
+
 def main(spec_path: str, row_path: str) -> int:
+  _die_with_parent()
   with open(spec_path, encoding="utf-8") as f:
     job = json.load(f)
   if job.get("config_path"):

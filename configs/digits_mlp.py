@@ -13,6 +13,7 @@ def get_config(arg=None):
   arg = parse_arg(arg, batch=32, rule="linear")
   c = default_config()
   c.workload = "digits_mlp"
+  c.workload_options.hidden = (256, 256)
   c.global_batch = arg.batch
   c.optimizer = "sgd"
   c.momentum = 0.9

@@ -14,6 +14,7 @@ def get_config(arg=None):
   c = default_config()
   c.workload = "mnist1d_mlp"
   c.workload_options.num_train = arg.num_train
+  c.workload_options.hidden = (256, 256)
   c.global_batch = arg.batch
   c.optimizer = "adam"
   c.base_lr = 1e-3
