@@ -116,7 +116,8 @@ def _run_subprocess(spec: TrialSpec, workdir: str, log, config_path: str | None)
                  "trial_dir": trial_dir(workdir, spec)}, f)
     cmd = [sys.executable, "-m", "batchbench.worker", spec_path, out_path]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, check=False, env=dict(os.environ, BATCHBENCH_PARENT_PID=str(os.getpid())))
+    env = dict(os.environ, BATCHBENCH_PARENT_PID=str(os.getpid()))
+    proc = subprocess.run(cmd, check=False, env=env)
     if proc.returncode == 0 and os.path.exists(out_path):
       with open(out_path, encoding="utf-8") as f:
         return json.load(f)
