@@ -67,15 +67,17 @@ def make_optimizer(spec: TrialSpec) -> optax.GradientTransformation:
 
 def init_state(workload: Workload, spec: TrialSpec, mesh: Mesh,
                tx: optax.GradientTransformation) -> TrainState:
-  """Initialises the train state from the trial seed, replicated over ``mesh``."""
+  """Initialises the train state from the trial seed, replicated over ``mesh``.
 
-  def init(seed):
-    init_key, data_key = jax.random.split(jax.random.key(seed))
-    params = workload.init(init_key)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=data_key)
-
-  return jax.jit(init, static_argnums=0, out_shardings=replicated(mesh))(spec.seed)
+  Runs eagerly rather than under ``jit``: a jitted init would be compiled anew for
+  every trial (its closure differs), costing more than the op-by-op init of the
+  small models here once JAX has warmed its primitive caches.
+  """
+  init_key, data_key = jax.random.split(jax.random.key(spec.seed))
+  params = workload.init(init_key)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     rng=data_key)
+  return jax.device_put(state, replicated(mesh))
 
 
 def _memory_analysis(compiled) -> dict[str, int | None]:
@@ -252,3 +254,16 @@ def compile_eval_call(workload: Workload, mesh: Mesh, params, eval_data) -> Comp
   call, _ = _aot(eval_call, (params, eval_data), (repl, eval_data[0].sharding), repl)
   call.traces = traces
   return call
+
+
+def abstract_state(workload: Workload, spec: TrialSpec, mesh: Mesh,
+                   tx: optax.GradientTransformation) -> TrainState:
+  """``init_state``'s shapes, dtypes and shardings, computed without running it.
+
+  A resumed trial restores its checkpoint onto this tree, so it must carry the
+  same shardings as ``init_state``'s outputs.
+  """
+  shapes = jax.eval_shape(lambda: init_state(workload, spec, mesh, tx))
+  sharding = replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                      shapes)
