@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Set up .venv and run the main job: the default batch-size sweep on the embedded digits data.
+# Set up .venv (see setup_env.sh) and run the main job: the default batch-size sweep on the
+# embedded digits data (no network). Extra arguments go to `batchbench sweep`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 WORKDIR="${WORKDIR:-/tmp/batchbench_default}"
-.venv/bin/batchbench trial --config=configs/digits_mlp.py --workdir="$WORKDIR" "$@"
-echo "results: $WORKDIR/results.jsonl"
+.venv/bin/batchbench sweep --config=configs/digits_mlp.py --workdir="$WORKDIR" "$@"
+echo "report: $WORKDIR/report/report.html (also report.md, summary.csv, *.png)"
