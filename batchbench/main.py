@@ -122,6 +122,70 @@ def _config_path() -> str | None:
   return os.path.abspath(path) if path and os.path.exists(path) else None
 
 
+# ----------------------------------------------------- probe and decompose (issue 5)
+_MEMORY_BUDGET = flags.DEFINE_string(
+    "memory_budget", None,
+    "probe, decompose: per-device memory budget with a unit, e.g. 2GiB, 512MiB, 1.5GB "
+    "(probe's default: the device memory the runtime reports, minus 10%).")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 2**16,
+                                  "probe: the largest global batch to compile.")
+_GLOBAL_BATCH = flags.DEFINE_integer(
+    "global_batch", None, "decompose: the global batch to split (default: the config's).")
+_MODE = flags.DEFINE_string(
+    "mode", "train", "decompose: train (split --global_batch into per-device batch x devices "
+    "x accumulation steps) or inference (--total examples as batch size x batch count).")
+_TOTAL = flags.DEFINE_integer(
+    "total", None, "decompose --mode=inference: examples to run through the forward pass.")
+
+
+def _memory_budget_bytes() -> int | None:
+  from batchbench import probe  # pylint: disable=g-import-not-at-top
+
+  text = _MEMORY_BUDGET.value
+  return None if text is None else probe.parse_bytes(text, "memory_budget")
+
+
+@command("probe", "compile the train step at growing batches (no training): the largest "
+                  "global batch that fits a memory budget")
+def _probe(config, workdir, log) -> int:
+  from batchbench import config as config_lib, probe  # pylint: disable=g-import-not-at-top
+
+  config = _require_config(config)
+  budget = _memory_budget_bytes()
+  workdir = config_lib.check_workdir(workdir)
+  result = probe.run_probe(config, workdir, memory_budget_bytes=budget,
+                           max_batch=_MAX_BATCH.value, log=log)
+  answer = result["answer"]
+  print(f"probe: largest global batch within {probe.format_bytes(result['budget_bytes'])} "
+        f"per device: {answer['global_batch']:,} (limited by {answer['limited_by']}); "
+        f"files in {os.path.join(workdir, probe.PROBE_DIR)}")
+  return 0
+
+
+@command("decompose", "time every split of --global_batch into per-device batch x devices x "
+                      "accumulation steps; or --mode=inference --total=N")
+def _decompose(config, workdir, log) -> int:
+  from batchbench import config as config_lib, decompose  # pylint: disable=g-import-not-at-top
+
+  config = _require_config(config)
+  budget = _memory_budget_bytes()
+  workdir = config_lib.check_workdir(workdir)
+  result = decompose.run(config, workdir, mode=_MODE.value, global_batch=_GLOBAL_BATCH.value,
+                         total=_TOTAL.value, memory_budget_bytes=budget, log=log)
+  where = os.path.join(workdir, decompose.DECOMPOSE_DIR)
+  if result["mode"] == "inference":
+    print(f"decompose: {len(result['rows'])} batch size x count rows; files in {where}")
+    return 0
+  best = result["fastest"]
+  print(f"decompose: fastest split of {result['global_batch']:,}: "
+        + (f"{best['num_devices']} device(s) x {best['per_device_batch']} per device x "
+           f"accum {best['accum_steps']} ({best['samples_per_sec']:,.0f} samples/s)"
+           if best else "none ran")
+        + (f"; NOT EQUIVALENT: {', '.join(result['not_equivalent'])}"
+           if result["not_equivalent"] else "") + f"; files in {where}")
+  return 1 if result["not_equivalent"] else 0
+
+
 def main(argv) -> int:
   from batchbench.config import ConfigError  # pylint: disable=g-import-not-at-top
 
@@ -138,9 +202,38 @@ def main(argv) -> int:
     return fail(str(e))
 
 
+def _flag_error_message(error: Exception) -> str:
+  """One line out of a flag-parsing error (ml_collections wraps tracebacks in them)."""
+  text = str(error).replace("\\n", "\n").replace("\\'", "'")
+  lines = [line.strip() for line in text.splitlines()]
+  for line in reversed(lines):
+    if "ConfigError: " in line:
+      return line.split("ConfigError: ", 1)[1]
+  kept = [line for line in lines
+          if line and not line.startswith(("Traceback", "File ", "^", "~")) and "^^^" not in line]
+  return " ".join(kept[:1] + kept[-1:] if len(kept) > 1 else kept)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with errors (bad --config file, arg or override) as exit 2.
+
+  absl would print "FATAL Flags parsing error" and a traceback and exit 1; a config
+  error is the user's input, so it gets one line and the same status as ``resolve``'s.
+  """
+  try:
+    args = flags.FLAGS(argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.keys()  # a config file that failed to load raises only when read
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    prefix = "unknown --config field " if isinstance(e, (AttributeError, KeyError)) else ""
+    print(f"batchbench: error: {prefix}{_flag_error_message(e)}", file=sys.stderr)
+    sys.exit(2)
+  return args
+
+
 def run() -> None:
   """Console-script entry point."""
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -267,3 +267,73 @@ def abstract_state(workload: Workload, spec: TrialSpec, mesh: Mesh,
   sharding = replicated(mesh)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                       shapes)
+
+
+def abstract_train_data(workload: Workload, mesh: Mesh,
+                        arrays: Any = None) -> tuple[jax.ShapeDtypeStruct, ...]:
+  """The shapes, dtypes and shardings of ``put_train_data``'s arrays, without placing them.
+
+  With ``compile_train_call`` and ``abstract_state`` this compiles a train call
+  (and reads its memory) without allocating anything on the devices.
+
+  Args:
+    workload: the workload; a synthetic one has no train data (returns ``()``).
+    mesh: the mesh the data would be replicated over.
+    arrays: the loaded ``ArrayData``, if the caller has it (else ``workload.data()``).
+
+  Returns:
+    ``(train_x, train_y)`` as ``ShapeDtypeStruct``s, or ``()``.
+  """
+  if workload.synthetic:
+    return ()
+  arrays = arrays if arrays is not None else workload.data()
+  sharding = replicated(mesh)
+  return tuple(jax.ShapeDtypeStruct(a.shape, jax.dtypes.canonicalize_dtype(a.dtype),
+                                    sharding=sharding)
+               for a in (arrays.train_x, arrays.train_y))
+
+
+def compile_forward_call(workload: Workload, mesh: Mesh, params,
+                         batch_size: int) -> CompiledCall:
+  """Compiles the forward pass ``(params, x, y, mask) -> {metric: sum}`` for one batch.
+
+  The forward pass is the workload's ``eval_sums`` (model apply plus loss and
+  metric sums). Parameters are replicated and the batch is sharded along the
+  ``data`` axis, so ``batch_size`` must be a multiple of the mesh size.
+  """
+  traces: list[int] = []
+
+  def forward(params, x, y, mask):
+    traces.append(1)
+    return workload.eval_sums(params, x, y, mask)
+
+  batch = NamedSharding(mesh, P(DATA_AXIS))
+  args = (params,
+          jax.ShapeDtypeStruct((batch_size, *workload.input_shape), workload.input_dtype,
+                               sharding=batch),
+          jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch),
+          jax.ShapeDtypeStruct((batch_size,), jnp.float32, sharding=batch))
+  repl = replicated(mesh)
+  call, _ = _aot(forward, args, (repl, batch, batch, batch), repl)
+  call.traces = traces
+  return call
+
+
+def make_feed(workload: Workload, spec: TrialSpec, mesh: Mesh) -> Callable[[int], jax.Array]:
+  """Returns ``feed(first_step)``: the train call's inputs, placed with their sharding.
+
+  The same inputs as a trial's: example indices from ``EpochIndexFeeder`` (the
+  global indices of a step depend only on the seed and the global batch, not on
+  how it is split), or one integer key per (step, micro-batch) for synthetic data.
+  """
+  sharding = feed_sharding_for(workload, mesh)
+  k, accum = spec.steps_per_call, spec.accum_steps
+  if workload.synthetic:
+    def feed(first_step: int) -> jax.Array:
+      keys = np.arange(first_step * accum, (first_step + k) * accum, dtype=np.int64)
+      return jax.device_put((keys.reshape(k, accum) % (2**31 - 1)).astype(np.int32), sharding)
+    return feed
+  from batchbench.data.device import EpochIndexFeeder  # pylint: disable=g-import-not-at-top
+
+  indices = EpochIndexFeeder(spec.train_size, spec.global_batch, accum, k, spec.seed)
+  return lambda first_step: jax.device_put(indices.call_indices(first_step), sharding)

@@ -1,0 +1,510 @@
+"""Which global batches fit in memory? Compile the train step ahead of time and read it.
+
+``run_probe`` compiles (never runs) the train call a trial would run at global
+batches ``u, 2u, 4u, ...`` (``u`` = data-parallel devices x accum_steps) up to a
+cap, reads XLA's per-device memory figures (argument, output, alias and temp
+bytes, and the peak computed from them: ``parallel.CompiledCall.memory``) and
+FLOPs per step, stops at the first batch whose compiled peak exceeds the budget,
+and searches (interpolation, then bisection) between the last batch that fits
+and that one, over multiples of ``u``. A least-squares line
+``peak = fixed + per_example x global_batch`` summarises the points. Only
+compile time is spent; nothing is allocated on the devices (the train state and
+data are abstract).
+
+The search assumes the peak does not shrink as the batch grows. Whatever the
+curve, the answer fits and the next multiple of ``u`` was compiled and does not
+(both are in the table). The sweep can use the same prediction for one spec with
+``compiled_memory`` / ``compiled_peak_bytes``.
+
+Budgets are strings with a unit (``parse_bytes``): ``2GiB``, ``512MiB``, ``1.5GB``.
+By default the budget is the device memory the runtime reports
+(``memory_stats()["bytes_limit"]``) minus 10%; the CPU runtime reports none, so
+there a budget must be given. Where the runtime does report memory (GPU/TPU),
+``measure_device_peak`` runs a few real steps at the answer and compares the
+runtime's ``peak_bytes_in_use`` with the prediction.
+"""
+
+from __future__ import annotations
+
+import csv
+import decimal
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from matplotlib.figure import Figure
+
+from batchbench import parallel
+from batchbench.config import ConfigError, TrialSpec, check_workdir, resolve
+from batchbench.data import device as device_data
+from batchbench.results import atomic_write_text
+from batchbench.workloads import get_workload
+
+PROBE_DIR = "probe"
+DEFAULT_MAX_BATCH = 2**16
+DEVICE_MEMORY_MARGIN = 0.10  # the default budget leaves this fraction of device memory free
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)\s*$")
+_SIZE_HELP = ("a positive size with a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), "
+              "e.g. 2GiB or 512MiB")
+POINT_COLUMNS = ("global_batch", "per_device_batch", "num_devices", "accum_steps",
+                 "steps_per_call", "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
+                 "generated_code_bytes", "peak_bytes", "flops_per_step", "compile_s", "fits",
+                 "phase")
+Log = Callable[[str], None]
+
+
+def parse_bytes(text: str, field: str = "memory_budget") -> int:
+  """Parses a memory size with a unit, e.g. ``"2GiB"``, ``"512 MiB"``, ``"1.5GB"``.
+
+  Units are case-insensitive: B, KB/MB/GB/TB (powers of 1000) and KiB/MiB/GiB/TiB
+  (powers of 1024). A bare number is rejected: "1000000" is too easily meant as
+  something other than bytes.
+
+  Raises:
+    ConfigError: naming ``field``, for anything else (no unit, an unknown unit,
+      zero, a negative size, less than one byte, not a size at all).
+  """
+  match = _SIZE.match(text) if isinstance(text, str) else None
+  if match is None:
+    raise ConfigError(field, text, _SIZE_HELP)
+  number, unit = decimal.Decimal(match.group(1)), match.group(2).lower()
+  if not unit:
+    raise ConfigError(field, text, f"a unit is required: {_SIZE_HELP}")
+  if unit not in UNITS:
+    raise ConfigError(field, text, f"unknown unit {match.group(2)!r}: {_SIZE_HELP}")
+  if number <= 0:
+    raise ConfigError(field, text, f"must be positive: {_SIZE_HELP}")
+  value = int(number * UNITS[unit])
+  if value < 1:
+    raise ConfigError(field, text, f"must be at least one byte: {_SIZE_HELP}")
+  return value
+
+
+def format_bytes(n: float | None) -> str:
+  """``12.3 MiB``-style text; None as ``-``."""
+  if n is None:
+    return "-"
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if abs(n) < 1024:
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return f"{n:.1f} TiB"
+
+
+def device_budget_bytes(devices: Sequence[Any]) -> int | None:
+  """The smallest ``bytes_limit`` the runtime reports over ``devices``, minus 10%.
+
+  Returns None where the runtime reports no memory (CPU).
+  """
+  limits = []
+  for device in devices:
+    try:
+      stats = device.memory_stats()
+    except Exception:  # pylint: disable=broad-except  (not implemented on some backends)
+      stats = None
+    if stats and stats.get("bytes_limit"):
+      limits.append(int(stats["bytes_limit"]))
+  return int(min(limits) * (1 - DEVICE_MEMORY_MARGIN)) if limits else None
+
+
+def resolve_budget(memory_budget_bytes: int | None, config: ml_collections.ConfigDict,
+                   devices: Sequence[Any]) -> tuple[int, str]:
+  """The per-device budget and where it came from: argument, config, device memory.
+
+  Raises:
+    ConfigError: no budget anywhere (the CPU runtime reports no device memory).
+  """
+  if memory_budget_bytes is not None:
+    if not isinstance(memory_budget_bytes, int) or memory_budget_bytes < 1:
+      raise ConfigError("memory_budget", memory_budget_bytes, _SIZE_HELP)
+    return memory_budget_bytes, "--memory_budget"
+  if config.get("memory_budget_bytes") is not None:
+    return int(config.memory_budget_bytes), "config.memory_budget_bytes"
+  budget = device_budget_bytes(devices)
+  if budget is None:
+    platform = devices[0].platform if devices else "this"
+    raise ConfigError("memory_budget", None,
+                      f"the {platform} runtime reports no device memory to default to; pass "
+                      "--memory_budget with a unit, e.g. --memory_budget=2GiB")
+  return budget, f"device bytes_limit minus {DEVICE_MEMORY_MARGIN:.0%}"
+
+
+def with_fields(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+  """A copy of ``config`` (references resolved) with ``fields`` set."""
+  c = config.copy_and_resolve_references()
+  for name, value in fields.items():
+    c[name] = value
+  return c
+
+
+def compiled_memory(spec: TrialSpec, mesh=None, *, workload=None, arrays=None,
+                    flops: bool = True) -> dict[str, Any]:
+  """Compiles ``spec``'s train call on abstract inputs and returns what XLA reports.
+
+  Nothing is allocated on the devices. This is the probe's prediction for one
+  spec; the trial compiles the same call, so the numbers match its row's memory.
+
+  Args:
+    spec: the resolved trial.
+    mesh: its mesh (default: a ``data`` mesh of ``spec.num_devices``).
+    workload: the built workload, if the caller has it.
+    arrays: the loaded dataset, if the caller has it (only shapes are used).
+    flops: also lower one step for XLA's FLOP count (``parallel.flops_per_step``).
+
+  Returns:
+    ``CompiledCall.memory`` (per-device bytes, ``peak_bytes`` among them) plus
+    ``compile_s`` and ``flops_per_step`` (None unless ``flops``).
+  """
+  workload = workload or get_workload(spec.workload, dict(spec.workload_options))
+  mesh = mesh or parallel.make_mesh(spec.num_devices)
+  tx = parallel.make_optimizer(spec)
+  state = parallel.abstract_state(workload, spec, mesh, tx)
+  data = parallel.abstract_train_data(workload, mesh, arrays)
+  call = parallel.compile_train_call(workload, spec, mesh, tx, state, data)
+  step_flops = parallel.flops_per_step(workload, spec, mesh, tx, state, data) if flops else None
+  return {**call.memory, "compile_s": call.compile_s, "flops_per_step": step_flops}
+
+
+def compiled_peak_bytes(spec: TrialSpec, mesh=None) -> int | None:
+  """The compiled per-device peak of ``spec``'s train call (None if XLA reports none)."""
+  return compiled_memory(spec, mesh, flops=False)["peak_bytes"]
+
+
+def ladder(start: int, cap: int) -> list[int]:
+  """``start, 2 start, 4 start, ...`` up to ``cap``, and ``cap`` itself if not on it."""
+  batches, b = [], start
+  while b <= cap:
+    batches.append(b)
+    b *= 2
+  if batches and batches[-1] != cap:
+    batches.append(cap)
+  return batches
+
+
+def search_largest(peak_at: Callable[[int], int], batches: Sequence[int], unit: int,
+                   budget: int) -> tuple[int | None, int | None]:
+  """Largest batch whose ``peak_at`` fits ``budget``: walk ``batches``, then search between.
+
+  Walks the increasing ``batches`` (multiples of ``unit``) until one does not
+  fit, then searches the multiples of ``unit`` between the last that fit and
+  it. Compiled memory is close to linear in the batch, so each step first
+  interpolates between the bracketing peaks (usually two compiles find the
+  answer); after ``log2(width)`` such steps it falls back to bisection, so the
+  search ends whatever the curve.
+
+  Returns:
+    ``(largest fitting batch, the batch just above it that does not fit)``;
+    the first is None when even ``batches[0]`` does not fit, the second None
+    when every batch fits.
+  """
+  fits = over = p_fits = p_over = None
+  for b in batches:
+    peak = peak_at(b)
+    if peak > budget:
+      over, p_over = b, peak
+      break
+    fits, p_fits = b, peak
+  if fits is None or over is None:
+    return fits, over
+  lo, hi = fits // unit, over // unit
+  interpolations = max(1, math.ceil(math.log2(hi - lo)))
+  while hi - lo > 1:
+    if interpolations > 0 and p_over > p_fits:
+      interpolations -= 1
+      mid = lo + int((budget - p_fits) / (p_over - p_fits) * (hi - lo))
+      mid = min(max(mid, lo + 1), hi - 1)
+    else:
+      mid = (lo + hi) // 2
+    peak = peak_at(mid * unit)
+    if peak <= budget:
+      lo, p_fits = mid, peak
+    else:
+      hi, p_over = mid, peak
+  return lo * unit, hi * unit
+
+
+def fit_memory(points: Sequence[dict[str, Any]]) -> dict[str, float] | None:
+  """Least-squares ``peak_bytes = fixed_bytes + bytes_per_example x global_batch``.
+
+  Returns:
+    The coefficients, R^2 and the largest absolute residual, or None with
+    fewer than two distinct batches.
+  """
+  batch = np.array([p["global_batch"] for p in points], np.float64)
+  peak = np.array([p["peak_bytes"] for p in points], np.float64)
+  if len(set(batch.tolist())) < 2:
+    return None
+  design = np.stack([np.ones_like(batch), batch], axis=1)
+  (fixed, per_example), *_ = np.linalg.lstsq(design, peak, rcond=None)
+  residual = peak - design @ np.array([fixed, per_example])
+  total = float(np.sum((peak - peak.mean()) ** 2))
+  return {"fixed_bytes": float(fixed), "bytes_per_example": float(per_example),
+          "r2": 1.0 - float(np.sum(residual**2)) / total if total > 0 else None,
+          "max_residual_bytes": float(np.max(np.abs(residual))), "points": int(len(batch))}
+
+
+def _positive_multiple(value: Any, field: str, unit: int, what: str) -> int:
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value % unit:
+    raise ConfigError(field, value, f"must be a positive multiple of data-parallel devices x "
+                                    f"accum_steps = {what} = {unit}")
+  return value
+
+
+def run_probe(config: ml_collections.ConfigDict, workdir: str, *,
+              memory_budget_bytes: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+              min_batch: int | None = None, num_available_devices: int | None = None,
+              cache: dict[str, dict[str, Any]] | None = None, measure: bool = True,
+              log: Log | None = print) -> dict[str, Any]:
+  """Finds the largest global batch whose compiled train call fits the memory budget.
+
+  Every input is validated before anything is compiled. Results are written to
+  ``<workdir>/probe/probe.{json,csv,png}``.
+
+  Args:
+    config: the trial config; its ``global_batch`` is ignored, its devices
+      (``num_devices``) and ``accum_steps`` set the unit ``u`` of batches.
+    workdir: where ``probe/`` is written.
+    memory_budget_bytes: per-device budget; default ``config.memory_budget_bytes``,
+      else the device memory minus 10%.
+    max_batch: largest global batch to try (a multiple of ``u``); also capped at
+      the training-set size.
+    min_batch: first batch of the ladder (a multiple of ``u``; default ``u``).
+    num_available_devices: local devices (default: all).
+    cache: trial id -> compiled point; reused and filled, so probing another
+      budget compiles only the new batches.
+    measure: where the runtime reports device memory, run a few real steps at
+      the answer and compare (``measure_device_peak``).
+    log: progress sink; None for silence.
+
+  Returns:
+    A dict with the points, the fit, the answer and the budget.
+
+  Raises:
+    ConfigError: an invalid input, or a budget below the smallest batch's peak.
+  """
+  log = log or (lambda _: None)
+  available = num_available_devices or jax.local_device_count()
+  devices, accum = config.num_devices or available, config.accum_steps
+  guess = devices * accum if isinstance(devices, int) and isinstance(accum, int) else 1
+  base = resolve(with_fields(config, global_batch=max(1, guess)), available)
+  unit = base.num_devices * base.accum_steps
+  what = f"{base.num_devices} x {base.accum_steps}"
+  cap = _positive_multiple(max_batch, "max_batch", unit, what)
+  limit = "max_batch"
+  if base.train_size is not None and base.train_size // unit * unit < cap:
+    cap, limit = base.train_size // unit * unit, "train_size"
+  start = unit if min_batch is None else _positive_multiple(min_batch, "min_batch", unit, what)
+  if start > cap:
+    raise ConfigError("min_batch", start, f"must be at most the largest batch probed ({cap})")
+  budget, source = resolve_budget(memory_budget_bytes, config, jax.local_devices()[:available])
+  workdir = check_workdir(workdir)
+
+  mesh = parallel.make_mesh(base.num_devices)
+  workload = get_workload(base.workload, dict(base.workload_options))
+  arrays = None if workload.synthetic else workload.data()
+  cache = {} if cache is None else cache
+  points: dict[int, dict[str, Any]] = {}
+  log(f"[probe {base.workload}] {base.num_devices} device(s) x accum {base.accum_steps}; "
+      f"budget {format_bytes(budget)} per device ({source}); batches {start}..{cap}")
+
+  batches = ladder(start, cap)
+
+  def peak_at(batch: int) -> int:
+    spec = resolve(with_fields(config, global_batch=batch), available)
+    if spec.trial_id not in cache:
+      cache[spec.trial_id] = compiled_memory(spec, mesh, workload=workload, arrays=arrays)
+    point = {"global_batch": batch, "per_device_batch": spec.per_device_batch,
+             "num_devices": spec.num_devices, "accum_steps": spec.accum_steps,
+             "steps_per_call": spec.steps_per_call, **cache[spec.trial_id]}
+    if point["peak_bytes"] is None:
+      raise RuntimeError(f"the {jax.default_backend()} backend reports no memory analysis "
+                         "for compiled programs; the probe cannot predict memory here")
+    point["fits"] = point["peak_bytes"] <= budget
+    point["phase"] = "ladder" if batch in batches else "search"
+    points[batch] = point
+    log(f"  batch {batch:>8,d}: peak {format_bytes(point['peak_bytes']):>10s} "
+        f"({'fits' if point['fits'] else 'over budget'}), compiled in "
+        f"{point['compile_s']:.2f}s")
+    return point["peak_bytes"]
+
+  largest, over = search_largest(peak_at, batches, unit, budget)
+  if largest is None:
+    first = points[batches[0]]
+    raise ConfigError(
+        "memory_budget", format_bytes(budget),
+        f"below the compiled peak of the smallest global batch {first['global_batch']} "
+        f"({first['per_device_batch']} per device): {format_bytes(first['peak_bytes'])} "
+        f"({first['peak_bytes']:,} bytes) per device; give at least that much")
+  rows = [points[b] for b in sorted(points)]
+  fit = fit_memory(rows)
+  answer = {"global_batch": largest, "per_device_batch": points[largest]["per_device_batch"],
+            "peak_bytes": points[largest]["peak_bytes"],
+            "limited_by": "memory_budget" if over else limit,
+            "next_batch": over, "next_peak_bytes": points[over]["peak_bytes"] if over else None}
+  if fit and fit["bytes_per_example"] > 0:
+    answer["fit_global_batch"] = max(
+        0, int((budget - fit["fixed_bytes"]) / fit["bytes_per_example"]) // unit * unit)
+  result = {"workload": base.workload, "workload_options": dict(base.workload_options),
+            "num_devices": base.num_devices, "accum_steps": base.accum_steps, "unit": unit,
+            "budget_bytes": budget, "budget_source": source, "max_batch": max_batch,
+            "cap": cap, "platform": jax.default_backend(),
+            "device_kind": jax.local_devices()[0].device_kind, "points": rows, "fit": fit,
+            "answer": answer, "measured": None}
+  if measure and device_budget_bytes(mesh.devices.flat) is not None:
+    spec = resolve(with_fields(config, global_batch=largest), available)
+    try:
+      result["measured"] = measure_device_peak(spec, mesh, log=log)
+    except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED: the prediction was low
+      result["measured"] = {"global_batch": largest, "error": str(e).splitlines()[0]}
+      log(f"  running batch {largest} failed: {result['measured']['error']}")
+  if jax.process_index() == 0:
+    result["files"] = write_outputs(os.path.join(workdir, PROBE_DIR), "probe", result, rows,
+                                    POINT_COLUMNS, lambda fig: _plot(fig, result))
+  for line in format_probe(result).splitlines():
+    log(line)
+  return result
+
+
+def measure_device_peak(spec: TrialSpec, mesh, calls: int = 3,
+                        log: Log | None = print) -> dict[str, Any] | None:
+  """GPU/TPU only: runs ``calls`` real train calls at ``spec`` and compares peaks.
+
+  The runtime's ``peak_bytes_in_use`` is a high-water mark over the process's
+  life, so this is meaningful in a process that has run nothing bigger (the
+  probe itself only compiles).
+
+  Returns:
+    ``{"predicted_peak_bytes", "measured_peak_bytes", "ratio"}`` (measured /
+    predicted), or None where the runtime reports no memory.
+  """
+  workload = get_workload(spec.workload, dict(spec.workload_options))
+  tx = parallel.make_optimizer(spec)
+  state = parallel.init_state(workload, spec, mesh, tx)
+  data = () if workload.synthetic else device_data.put_train_data(workload.data(), mesh)
+  call = parallel.compile_train_call(workload, spec, mesh, tx, state, data)
+  feed = parallel.make_feed(workload, spec, mesh)
+  for i in range(calls):
+    state, losses = call(state, data, feed(i * spec.steps_per_call))
+  jax.block_until_ready((state, losses))
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in mesh.devices.flat]
+  peaks = [int(p) for p in peaks if p is not None]
+  if not peaks or not call.memory.get("peak_bytes"):
+    return None
+  out = {"global_batch": spec.global_batch, "predicted_peak_bytes": call.memory["peak_bytes"],
+         "measured_peak_bytes": max(peaks), "ratio": max(peaks) / call.memory["peak_bytes"]}
+  if log:
+    log(f"  measured at batch {spec.global_batch}: peak_bytes_in_use "
+        f"{format_bytes(out['measured_peak_bytes'])} vs predicted "
+        f"{format_bytes(out['predicted_peak_bytes'])} (ratio {out['ratio']:.3f})")
+  return out
+
+
+def format_probe(result: dict[str, Any]) -> str:
+  """The console table, the fit and the answer."""
+  head = ("global_batch", "per_device", "argument", "output", "alias", "temp", "peak",
+          "GFLOP/step", "compile_s", "fits")
+  body = [(f"{p['global_batch']:,}", f"{p['per_device_batch']:,}",
+           *(format_bytes(p[k]) for k in ("argument_bytes", "output_bytes", "alias_bytes",
+                                          "temp_bytes", "peak_bytes")),
+           "-" if p["flops_per_step"] is None else f"{p['flops_per_step'] / 1e9:.3g}",
+           f"{p['compile_s']:.2f}", "yes" if p["fits"] else "no") for p in result["points"]]
+  lines = [format_table(head, body)]
+  fit, answer = result["fit"], result["answer"]
+  if fit:
+    r2 = "-" if fit["r2"] is None else f"{fit['r2']:.4f}"
+    lines.append(f"fit: peak = {format_bytes(fit['fixed_bytes'])} + "
+                 f"{fit['bytes_per_example']:,.0f} B x global_batch (per device; R^2 {r2}, "
+                 f"max residual {format_bytes(fit['max_residual_bytes'])})")
+  exact = lambda n: f"{format_bytes(n)} ({n:,} B)"
+  lines.append(
+      f"largest global batch within {exact(result['budget_bytes'])} per device "
+      f"({result['budget_source']}): {answer['global_batch']:,} "
+      f"({answer['per_device_batch']:,} per device x {result['num_devices']} device(s) x "
+      f"accum {result['accum_steps']}), compiled peak {exact(answer['peak_bytes'])}; "
+      + (f"{answer['next_batch']:,} needs {exact(answer['next_peak_bytes'])}"
+         if answer["next_batch"] else f"limited by {answer['limited_by']}, not memory"))
+  if answer.get("fit_global_batch") is not None:
+    lines.append(f"the linear fit alone predicts {answer['fit_global_batch']:,}")
+  m = result["measured"]
+  if m and m.get("error"):
+    lines.append(f"running batch {m['global_batch']:,} for real failed: {m['error']}")
+  elif m:
+    lines.append(f"measured peak_bytes_in_use / predicted = {m['ratio']:.3f} "
+                 f"({format_bytes(m['measured_peak_bytes'])} / "
+                 f"{format_bytes(m['predicted_peak_bytes'])})")
+  return "\n".join(lines)
+
+
+def format_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+  """Right-aligned plain-text columns."""
+  widths = [max(len(str(r[i])) for r in (head, *body)) for i in range(len(head))]
+  return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True))
+                   for r in (head, *body))
+
+
+def write_outputs(out_dir: str, stem: str, payload: dict[str, Any],
+                  rows: Sequence[dict[str, Any]], columns: Sequence[str],
+                  draw: Callable[[Any], None]) -> dict[str, str]:
+  """Writes ``stem.json`` (payload), ``stem.csv`` (rows) and ``stem.png``, atomically.
+
+  Returns:
+    Kind (json, csv, png) -> path.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {kind: os.path.join(out_dir, f"{stem}.{kind}") for kind in ("json", "csv", "png")}
+  text = io.StringIO()
+  writer = csv.DictWriter(text, fieldnames=list(columns), extrasaction="ignore")
+  writer.writeheader()
+  writer.writerows(rows)
+  atomic_write_text(paths["csv"], text.getvalue())
+  fig = Figure(figsize=(7, 4.4), dpi=100, layout="constrained")
+  draw(fig)
+  tmp = f"{paths['png']}.tmp.{os.getpid()}"
+  fig.savefig(tmp, format="png")
+  os.replace(tmp, paths["png"])
+  atomic_write_text(paths["json"], json.dumps({**payload, "files": paths}, indent=2,
+                                              default=_jsonable, allow_nan=False))
+  return paths
+
+
+def _jsonable(value: Any) -> Any:
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _plot(fig, result: dict[str, Any]) -> None:
+  mib = 2.0**20
+  points = result["points"]
+  batches = [p["global_batch"] for p in points]
+  ax = fig.subplots()
+  for key, label in (("peak_bytes", "peak"), ("temp_bytes", "temp"),
+                     ("argument_bytes", "argument")):
+    ax.plot(batches, [p[key] / mib for p in points], marker="o", label=label)
+  fit = result["fit"]
+  if fit:
+    xs = [min(batches) * (max(batches) / min(batches)) ** (i / 64) for i in range(65)]
+    ax.plot(xs, [(fit["fixed_bytes"] + fit["bytes_per_example"] * x) / mib for x in xs], "--",
+            color="gray", label="linear fit of peak")  # a line, drawn on a log2 axis
+  budget = result["budget_bytes"]
+  if budget <= 2 * max(p["peak_bytes"] for p in points):
+    ax.axhline(budget / mib, color="red", alpha=0.6, label="budget")
+  else:  # a line far above the points would flatten them
+    ax.plot([], [], color="red", alpha=0.6, label=f"budget {format_bytes(budget)} (off scale)")
+  ax.axvline(result["answer"]["global_batch"], color="green", linestyle=":",
+             label=f"largest that fits ({result['answer']['global_batch']:,})")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("global batch")
+  ax.set_ylabel("MiB per device (compiled)")
+  ax.set_title(f"Compiled memory of the train step: {result['workload']}")
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize="small")

@@ -1,0 +1,211 @@
+"""Tests of the memory probe: budget parsing, the search, and real compiles on CPU."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from batchbench import config as config_lib
+from batchbench import parallel, probe
+from batchbench.config import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config():
+  """digits_mlp with one hidden layer of 32: compiles fast, activations dominate at B>=256."""
+  c = config_lib.default_config()
+  c.workload = "digits_mlp"
+  c.workload_options.hidden = (32,)
+  c.max_steps = 8
+  return c
+
+
+@pytest.fixture(name="no_compile")
+def fixture_no_compile(monkeypatch):
+  """Makes any compile an error: proves validation happens before compilation."""
+  def refuse(*args, **kwargs):
+    raise AssertionError("compiled before validating its input")
+  monkeypatch.setattr(parallel, "compile_train_call", refuse)
+  monkeypatch.setattr(parallel, "compile_forward_call", refuse)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000),
+    ("1000000B", 1_000_000), ("64 KiB", 65_536), ("2gib", 2 * 2**30), (" 3TB ", 3 * 10**12),
+    ("0.5KiB", 512),
+])
+def test_parse_bytes_accepts_sizes_with_units(text, expected):
+  assert probe.parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text,why", [
+    ("1000000", "a unit is required"), ("-2GiB", "must be positive"),
+    ("0GiB", "must be positive"), ("0.1B", "at least one byte"),
+    ("2parsecs", "unknown unit"), ("GiB", "e.g. 2GiB"), ("", "e.g. 2GiB"),
+    ("nan GiB", "e.g. 2GiB"), ("2 GiB GiB", "e.g. 2GiB"), (None, "e.g. 2GiB"),
+])
+def test_parse_bytes_rejects_with_field_value_and_valid(text, why):
+  with pytest.raises(ConfigError) as err:
+    probe.parse_bytes(text, "memory_budget")
+  assert err.value.field == "memory_budget" and err.value.value == text
+  assert why in str(err.value) and "GiB" in str(err.value)
+
+
+@pytest.mark.parametrize("shape", ["linear", "quadratic", "step"])
+def test_search_finds_largest_batch_under_budget(shape):
+  """Against brute force over every multiple of the unit, for several curves and budgets."""
+  unit, cap = 8, 8 * 700
+  peak = {"linear": lambda b: 1000 + 37 * b,
+          "quadratic": lambda b: 5000 + 3 * b + b * b // 50,
+          "step": lambda b: 2000 + 10 * b + (40_000 if b > 1000 else 0)}[shape]
+  batches = probe.ladder(unit, cap)
+  assert batches == [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 5600]
+  for budget in (peak(unit), peak(unit) + 1, peak(1000) + 5, peak(2000) - 1, peak(cap) - 1,
+                 peak(cap)):
+    compiled = []
+    largest, over = probe.search_largest(lambda b: compiled.append(b) or peak(b), batches,
+                                         unit, budget)
+    expected = max(b for b in range(unit, cap + 1, unit) if peak(b) <= budget)
+    assert largest == expected
+    if expected == cap:
+      assert over is None
+    else:
+      assert over == expected + unit and peak(over) > budget
+    assert len(compiled) <= len(batches) + 2 * 10  # ladder + at most 2 log2(width) steps
+  assert probe.search_largest(peak, batches, unit, peak(unit) - 1) == (None, 8)
+
+
+def test_fit_memory_recovers_a_line():
+  points = [{"global_batch": b, "peak_bytes": 4096 + 100 * b} for b in (8, 16, 64, 256)]
+  fit = probe.fit_memory(points)
+  assert fit["fixed_bytes"] == pytest.approx(4096) and fit["bytes_per_example"] == (
+      pytest.approx(100))
+  assert fit["r2"] == pytest.approx(1.0)
+  assert probe.fit_memory(points[:1]) is None
+
+
+@pytest.fixture(name="probed", scope="module")
+def fixture_probed(tmp_path_factory):
+  """One real probe on 8 devices between batches 256 and 512, its budget between them."""
+  workdir = str(tmp_path_factory.mktemp("probe"))
+  config, cache = tiny_config(), {}
+  first = probe.run_probe(config, workdir, memory_budget_bytes=2**30, max_batch=512,
+                          min_batch=256, cache=cache, log=None)
+  peaks = {p["global_batch"]: p["peak_bytes"] for p in first["points"]}
+  budget = (peaks[256] + peaks[512]) // 2
+  result = probe.run_probe(config, workdir, memory_budget_bytes=budget, max_batch=512,
+                           min_batch=256, cache=cache, log=None)
+  return {"workdir": workdir, "first": first, "result": result, "budget": budget,
+          "cache": cache, "config": config}
+
+
+def test_probe_compiled_bytes_grow_with_batch(probed):
+  answer = probed["first"]["answer"]  # a budget of 1 GiB: every batch fits
+  assert (answer["global_batch"], answer["limited_by"], answer["next_batch"]) == (
+      512, "max_batch", None)
+  points = probed["result"]["points"]
+  batches = [p["global_batch"] for p in points]
+  assert batches == sorted(batches) and batches[0] == 256 and batches[-1] == 512
+  assert all(b % 8 == 0 for b in batches)  # 8 devices: only batches they divide
+  for small, large in zip(points[:-1], points[1:], strict=True):
+    assert large["peak_bytes"] > small["peak_bytes"]
+    assert large["temp_bytes"] > small["temp_bytes"]
+    assert large["flops_per_step"] > small["flops_per_step"]
+  assert points[-1]["flops_per_step"] == pytest.approx(2 * points[0]["flops_per_step"], rel=0.02)
+  fit = probed["result"]["fit"]
+  assert fit["bytes_per_example"] > 0 and fit["r2"] > 0.99
+
+
+def test_probe_answer_checked_against_direct_compiles(probed):
+  result, budget = probed["result"], probed["budget"]
+  answer = result["answer"]
+  assert answer["limited_by"] == "memory_budget" and 256 <= answer["global_batch"] < 512
+  assert answer["next_batch"] == answer["global_batch"] + 8
+
+  def direct_peak(batch):  # a fresh compile, not the probe's cache
+    spec = config_lib.resolve(probe.with_fields(probed["config"], global_batch=batch), 8)
+    return probe.compiled_peak_bytes(spec)
+
+  assert direct_peak(answer["global_batch"]) == answer["peak_bytes"] <= budget
+  assert direct_peak(answer["global_batch"] + 8) == answer["next_peak_bytes"] > budget
+
+
+def test_probe_writes_table_json_and_plot(probed):
+  out = os.path.join(probed["workdir"], "probe")
+  with open(os.path.join(out, "probe.json"), encoding="utf-8") as f:
+    saved = json.load(f)
+  assert saved["answer"] == probed["result"]["answer"]
+  assert saved["budget_bytes"] == probed["budget"]
+  with open(os.path.join(out, "probe.csv"), encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  assert [int(r["global_batch"]) for r in rows] == [
+      p["global_batch"] for p in probed["result"]["points"]]
+  with open(os.path.join(out, "probe.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert not [n for n in os.listdir(out) if ".tmp" in n]
+
+
+def test_budget_below_smallest_batch_is_a_clear_error(probed, tmp_path, no_compile):
+  smallest = next(p for p in probed["result"]["points"] if p["global_batch"] == 256)
+  with pytest.raises(ConfigError) as err:  # the cache holds batch 256: nothing compiles
+    probe.run_probe(probed["config"], str(tmp_path / "wd"),
+                    memory_budget_bytes=smallest["peak_bytes"] - 1, max_batch=512,
+                    min_batch=256, cache=probed["cache"], log=None)
+  assert err.value.field == "memory_budget"
+  assert "smallest global batch 256" in str(err.value)
+  assert f"{smallest['peak_bytes']:,} bytes" in str(err.value)
+  assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("field,kwargs", [
+    ("max_batch", {"max_batch": 0}), ("max_batch", {"max_batch": -64}),
+    ("max_batch", {"max_batch": 12}),  # not divisible by the 8 devices
+    ("min_batch", {"min_batch": 4}), ("memory_budget", {"memory_budget_bytes": -1}),
+    ("memory_budget", {}),  # CPU reports no device memory: a budget is required
+])
+def test_bad_probe_input_fails_before_compiling(field, kwargs, tmp_path, no_compile):
+  with pytest.raises(ConfigError) as err:
+    probe.run_probe(tiny_config(), str(tmp_path / "wd"), **kwargs, log=None)
+  assert err.value.field == field
+  assert not (tmp_path / "wd").exists()
+
+
+def test_default_budget_is_device_memory_minus_margin():
+  class Device:
+    platform = "gpu"
+
+    def __init__(self, limit):
+      self.limit = limit
+
+    def memory_stats(self):
+      return None if self.limit is None else {"bytes_limit": self.limit}
+
+  assert probe.device_budget_bytes([Device(10_000), Device(8_000)]) == 7_200
+  assert probe.device_budget_bytes([Device(None)]) is None
+  assert probe.device_budget_bytes(jax.local_devices()) is None  # CPU
+  budget, source = probe.resolve_budget(None, tiny_config(), [Device(1000)])
+  assert budget == 900 and "minus 10%" in source
+
+
+def test_cli_bad_budget_exits_2_before_creating_anything(tmp_path):
+  workdir = tmp_path / "wd"
+  cmd = [sys.executable, "-m", "batchbench", "probe",
+         f"--config={os.path.join(REPO, 'configs', 'digits_mlp.py')}",
+         f"--workdir={workdir}", "--memory_budget=1000000"]
+  out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       check=False)
+  assert out.returncode == 2, out.stderr
+  assert "memory_budget='1000000'" in out.stderr and "unit is required" in out.stderr
+  assert "e.g. 2GiB" in out.stderr
+  assert not workdir.exists()
+
+
+def test_measure_device_peak_runs_real_steps_but_reports_none_on_cpu():
+  """The GPU/TPU comparison path runs its steps on CPU too; CPU reports no peak to compare."""
+  spec = config_lib.resolve(probe.with_fields(tiny_config(), global_batch=16), 8)
+  assert probe.measure_device_peak(spec, parallel.make_mesh(8), calls=2, log=None) is None
