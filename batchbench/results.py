@@ -51,6 +51,7 @@ wall_s                 wall seconds of the trial
 
 import datetime
 import json
+import math
 import os
 import platform
 import socket
@@ -71,9 +72,9 @@ def to_jsonable(value: Any) -> Any:
     return {str(k): to_jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
     return [to_jsonable(v) for v in value]
-  if hasattr(value, "tolist"):  # numpy / jax arrays and scalars
-    return value.tolist()
-  if isinstance(value, float) and value != value:  # NaN is not valid JSON
+  if hasattr(value, "tolist"):  # numpy / jax arrays and scalars: convert their elements too
+    return to_jsonable(value.tolist())
+  if isinstance(value, float) and not math.isfinite(value):  # NaN/inf are not valid JSON
     return None
   return value
 

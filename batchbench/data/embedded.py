@@ -43,8 +43,12 @@ def mnist1d(num_train: int = 10_000, num_test: int = 2_500, seed: int = 42,
   from mnist1d.data import get_dataset_args, make_dataset  # pylint: disable=g-import-not-at-top
 
   args = get_dataset_args()
-  args.num_samples = num_train + num_test
-  args.train_split = num_train / (num_train + num_test)
+  # make_dataset draws num_samples // 10 examples per class and splits at
+  # int(num_samples * train_split): round the total up to whole classes and put the
+  # split half an example past num_train, so float rounding cannot lose an example.
+  num_classes = 10
+  args.num_samples = -(-(num_train + num_test) // num_classes) * num_classes
+  args.train_split = (num_train + 0.5) / args.num_samples
   args.seed = seed
   key = {k: v for k, v in vars(args).items() if k != "url"}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
