@@ -34,9 +34,11 @@ MAX_AUTO_STEPS_PER_CALL = 64
 class ConfigError(ValueError):
   """An invalid config field: names the field, the value and what is valid."""
 
-  def __init__(self, field: str, value: Any, valid: str):
+  def __init__(self, field: str, value: Any = None, valid: str | None = None):
     self.field, self.value, self.valid = field, value, valid
-    super().__init__(f"invalid config: {field}={value!r}: {valid}")
+    # ``valid`` None: ``field`` is a whole message. ml_collections' config_flags re-raises
+    # an error from ``get_config`` as ``type(e)(message)``, and pickling does the same.
+    super().__init__(field if valid is None else f"invalid config: {field}={value!r}: {valid}")
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -89,6 +91,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.target_value = config_dict.placeholder(float)
   c.seed = 0
   c.memory_budget_bytes = config_dict.placeholder(int)
+  # Checkpoints (sweeps keep them under <workdir>/trials/<trial_id>/): one every this
+  # many examples (at the next call boundary) and at the end; None = only at the end
+  # and on preemption (SIGTERM).
+  c.checkpoint_every_examples = config_dict.placeholder(int)
+  # A corrupted latest checkpoint is an error; True restores the previous one instead
+  # (the row records it). A run option, not part of the trial's identity.
+  c.fallback_to_previous_checkpoint = False
   c.sweep = ml_collections.ConfigDict()
   c.sweep.global_batches = config_dict.placeholder(tuple)
   c.sweep.batch_range = config_dict.placeholder(str)  # "8:1024": powers of two, inclusive
@@ -132,6 +141,11 @@ class TrialSpec:
   seed: int
   train_size: int | None
   memory_budget_bytes: int | None = None
+  checkpoint_every_examples: int | None = None  # None: only at the end / on preemption
+
+  # Fields that do not change a trial's result (only how often it is checkpointed):
+  # left out of ``trial_id`` and of the spec a resumed checkpoint must match.
+  NOT_IDENTITY = ("checkpoint_every_examples",)
 
   @property
   def micro_batch(self) -> int:
@@ -157,10 +171,17 @@ class TrialSpec:
     d["workload_options"] = dict(self.workload_options)
     return d
 
+  def identity(self) -> dict[str, Any]:
+    """``to_dict()`` without the fields that cannot change the result."""
+    d = self.to_dict()
+    for field in self.NOT_IDENTITY:
+      d.pop(field, None)
+    return d
+
   @property
   def trial_id(self) -> str:
     """Stable hash of everything that determines the trial's result."""
-    blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+    blob = json.dumps(self.identity(), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -213,9 +234,13 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
   _require(global_batch % (num_devices * accum_steps) == 0, "global_batch", global_batch,
            f"must be divisible by data-parallel devices x accum_steps = {num_devices} x "
            f"{accum_steps} = {num_devices * accum_steps}")
-  if workload.train_size is not None:
-    _require(global_batch <= workload.train_size, "global_batch", global_batch,
-             f"larger than the {workload.train_size}-example training set of {c.workload}")
+  train_size = workload.train_size
+  if train_size is None and not workload.synthetic:
+    # The workload did not declare its size (train_size is optional): load it to learn it.
+    train_size = workload.data().num_train
+  if train_size is not None:
+    _require(global_batch <= train_size, "global_batch", global_batch,
+             f"must be at most the {train_size}-example training set of {c.workload}")
 
   _require(c.lr_rule in scaling.LR_RULES, "lr_rule", c.lr_rule,
            f"must be one of {', '.join(scaling.LR_RULES)}")
@@ -244,6 +269,10 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
   if c.memory_budget_bytes is not None:
     _positive_int(c, "memory_budget_bytes")
   _require(isinstance(c.seed, int) and c.seed >= 0, "seed", c.seed, "must be an integer >= 0")
+  checkpoint_every_examples = _positive_int(c, "checkpoint_every_examples", optional=True)
+  _require(isinstance(c.get("fallback_to_previous_checkpoint", False), bool),
+           "fallback_to_previous_checkpoint", c.get("fallback_to_previous_checkpoint"),
+           "must be True or False")
 
   target = _resolve_target(c, workload)
   eval_every_steps = None if workload.synthetic else max(1, eval_every_examples // global_batch)
@@ -283,7 +312,8 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
       warmup_steps=scaling.examples_to_steps(c.warmup_examples, global_batch),
       eval_every_examples=eval_every_examples, eval_every_steps=eval_every_steps,
       max_steps=budget_steps, max_seconds=c.max_seconds, target=target, seed=c.seed,
-      train_size=workload.train_size, memory_budget_bytes=c.memory_budget_bytes)
+      train_size=train_size, memory_budget_bytes=c.memory_budget_bytes,
+      checkpoint_every_examples=checkpoint_every_examples)
 
 
 def _resolve_target(c, workload) -> workloads_base.Target | None:
