@@ -3,6 +3,8 @@
   batchbench trial  --config=configs/digits_mlp.py --workdir=/tmp/bb
   batchbench sweep  --config=configs/digits_mlp.py --workdir=/tmp/sweep
   batchbench report --workdir=/tmp/sweep
+  batchbench probe  --config=configs/synthetic_cnn.py --workdir=/tmp/probe --memory_budget=2GiB
+  batchbench decompose --config=configs/mnist1d_mlp.py --global_batch=1024 --workdir=/tmp/dec
 
 Invalid input exits with status 2 and one message naming the field, the value and
 what is valid, before anything is created in the workdir.
@@ -56,13 +58,22 @@ def _require_config(config):
   return config
 
 
+def _with_memory_budget(config):
+  """``--memory_budget`` (e.g. 2GiB), when given, sets ``config.memory_budget_bytes``."""
+  config = _require_config(config)
+  budget = _memory_budget_bytes()
+  if budget is not None:
+    config.memory_budget_bytes = budget
+  return config
+
+
 @command("trial", "run one training trial at the config's global_batch")
 def _trial(config, workdir, log) -> int:
   import jax  # pylint: disable=g-import-not-at-top
 
   from batchbench import config as config_lib, results, trial  # pylint: disable=g-import-not-at-top
 
-  spec = config_lib.resolve(_require_config(config), jax.local_device_count())
+  spec = config_lib.resolve(_with_memory_budget(config), jax.local_device_count())
   workdir = config_lib.check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -80,7 +91,7 @@ def _sweep(config, workdir, log) -> int:
 
   from batchbench import config as config_lib, results, sweep  # pylint: disable=g-import-not-at-top
 
-  specs = sweep.expand(_require_config(config), jax.local_device_count())
+  specs = sweep.expand(_with_memory_budget(config), jax.local_device_count())
   workdir = config_lib.check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -125,8 +136,10 @@ def _config_path() -> str | None:
 # ----------------------------------------------------- probe and decompose (issue 5)
 _MEMORY_BUDGET = flags.DEFINE_string(
     "memory_budget", None,
-    "probe, decompose: per-device memory budget with a unit, e.g. 2GiB, 512MiB, 1.5GB "
-    "(probe's default: the device memory the runtime reports, minus 10%).")
+    "per-device memory budget with a unit, e.g. 2GiB, 512MiB, 1.5GB. probe: the budget to "
+    "fit (default: the device memory the runtime reports, minus 10%); decompose: splits "
+    "over it are not run; trial, sweep: sets config.memory_budget_bytes (trials whose "
+    "compiled peak exceeds it are recorded oom without training).")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 2**16,
                                   "probe: the largest global batch to compile.")
 _GLOBAL_BATCH = flags.DEFINE_integer(
