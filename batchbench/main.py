@@ -67,6 +67,19 @@ def _with_memory_budget(config):
   return config
 
 
+def _open_workdir(workdir: str | None, config) -> str:
+  """Checks, creates and stamps the workdir (run_meta.json) once the config is valid."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from batchbench import config as config_lib, results  # pylint: disable=g-import-not-at-top
+
+  workdir = config_lib.check_workdir(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    results.write_run_meta(workdir, results.run_metadata(config))
+  return workdir
+
+
 @command("trial", "run one training trial at the config's global_batch")
 def _trial(config, workdir, log) -> int:
   import jax  # pylint: disable=g-import-not-at-top
@@ -74,10 +87,7 @@ def _trial(config, workdir, log) -> int:
   from batchbench import config as config_lib, results, trial  # pylint: disable=g-import-not-at-top
 
   spec = config_lib.resolve(_with_memory_budget(config), jax.local_device_count())
-  workdir = config_lib.check_workdir(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    results.write_run_meta(workdir, results.run_metadata(config))
+  workdir = _open_workdir(workdir, config)
   row = trial.run_trial(spec, log=log)
   if jax.process_index() == 0:
     results.append_row(workdir, row)
@@ -89,13 +99,10 @@ def _trial(config, workdir, log) -> int:
 def _sweep(config, workdir, log) -> int:
   import jax  # pylint: disable=g-import-not-at-top
 
-  from batchbench import config as config_lib, results, sweep  # pylint: disable=g-import-not-at-top
+  from batchbench import sweep  # pylint: disable=g-import-not-at-top
 
   specs = sweep.expand(_with_memory_budget(config), jax.local_device_count())
-  workdir = config_lib.check_workdir(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    results.write_run_meta(workdir, results.run_metadata(config))
+  workdir = _open_workdir(workdir, config)
   summary = sweep.run_sweep(specs, workdir, isolation=_ISOLATION.value, log=log,
                             config_path=_config_path())
   counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["statuses"].items())) or "none"

@@ -44,6 +44,7 @@ from matplotlib.figure import Figure
 from batchbench import parallel
 from batchbench.config import ConfigError, TrialSpec, check_workdir, resolve
 from batchbench.data import device as device_data
+from batchbench.report import format_bytes  # noqa: F401  (also used by the CLI)
 from batchbench.results import atomic_write_text
 from batchbench.workloads import get_workload
 
@@ -87,17 +88,6 @@ def parse_bytes(text: str, field: str = "memory_budget") -> int:
   if value < 1:
     raise ConfigError(field, text, f"must be at least one byte: {_SIZE_HELP}")
   return value
-
-
-def format_bytes(n: float | None) -> str:
-  """``12.3 MiB``-style text; None as ``-``."""
-  if n is None:
-    return "-"
-  for unit in ("B", "KiB", "MiB", "GiB"):
-    if abs(n) < 1024:
-      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-    n /= 1024
-  return f"{n:.1f} TiB"
 
 
 def device_budget_bytes(devices: Sequence[Any]) -> int | None:
