@@ -4,11 +4,22 @@ The loop, per timing window: build the next call's inputs on the host, dispatch
 compiled train calls (each ``steps_per_call`` steps), and close the window with
 ``jax.block_until_ready``; then check the losses for divergence and, on an eval
 boundary, evaluate and check the target. Evals and budgets fall on call
-boundaries. Every second goes to a ledger bucket (setup, compile, train, eval).
+boundaries. Every second goes to a ledger bucket (setup, compile, train, eval,
+checkpoint).
+
+With a trial directory the loop checkpoints (``batchbench.checkpoint``) every
+``checkpoint_every_examples`` at the next call boundary, on SIGTERM, and at the
+end, and a rerun resumes from the latest checkpoint. Resume order: the train
+state is restored onto the abstract sharded state; the step (which is also the
+data position), eval history, target fields, status, time ledger, timing
+windows and wall seconds come from the checkpoint's loop state; windows realign
+to the grid of eval boundaries, so the resumed run computes exactly what the
+uninterrupted run computes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -17,10 +28,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from batchbench import parallel
+from batchbench import checkpoint, parallel
 from batchbench.config import TrialSpec
 from batchbench.data import device as device_data
-from batchbench.timing import TimeLedger, WindowTimer
+from batchbench.timing import TimeLedger, Window, WindowTimer
 from batchbench.workloads import get_workload
 
 # Without evals (throughput-only workloads), close a timing window about every
@@ -65,28 +76,71 @@ class _Feed:
 
 
 def run_trial(spec: TrialSpec, *, mesh=None, clock: Callable[[], float] = time.perf_counter,
-              log: Callable[[str], None] | None = print) -> dict[str, Any]:
-  """Runs one trial and returns its result row (see ``batchbench.results``).
+              log: Callable[[str], None] | None = print, workdir: str | None = None,
+              fallback_to_previous_checkpoint: bool = False,
+              preemption: checkpoint.PreemptionWatch | None = None,
+              on_window: Callable[[int], None] | None = None) -> dict[str, Any]:
+  """Runs one trial, or resumes it from its latest checkpoint, and returns its result row.
 
   Args:
     spec: the resolved trial.
     mesh: the device mesh; default a ``data`` mesh of ``spec.num_devices``.
     clock: seconds clock (injectable for tests).
     log: progress sink; None for silence.
+    workdir: the trial's own directory (a sweep passes ``<workdir>/trials/<trial_id>``)
+      for its spec and checkpoints; None: no checkpoints and no SIGTERM handling.
+    fallback_to_previous_checkpoint: restore the previous checkpoint when the latest
+      is corrupted (recorded in the row) instead of raising.
+    preemption: a watch shared with the caller (a sweep watching SIGTERM across
+      trials); default one for this trial when it has a ``workdir``.
+    on_window: called with the step after every timing window (and its
+      checkpoint); tests use it to interrupt a trial.
 
   Returns:
     The result row. Divergence and a missed target are statuses, not exceptions.
+
+  Raises:
+    checkpoint.Preempted: SIGTERM arrived; a checkpoint was saved at the next call
+      boundary (its ``row`` is set if the trial had just finished).
+    checkpoint.CheckpointError: a spec mismatch, corrupted checkpoint or failed write
+      (subclasses say which); the message says how to proceed.
   """
   log = log or (lambda _: None)
+  with contextlib.ExitStack() as stack:
+    if preemption is None:
+      preemption = (stack.enter_context(checkpoint.preemption_watch())
+                    if workdir is not None else checkpoint.PreemptionWatch())
+    ckpt = None
+    if workdir is not None:
+      ckpt = checkpoint.TrialCheckpointer(
+          workdir, spec, fallback_to_previous=fallback_to_previous_checkpoint, log=log)
+    try:
+      row = _run_trial(spec, mesh, clock, log, ckpt, preemption, on_window)
+    except BaseException:
+      if ckpt is not None:  # let a save in flight commit; the first error wins
+        with contextlib.suppress(Exception):
+          ckpt.close()
+      raise
+    if ckpt is not None:
+      ckpt.close()
+    return row
+
+
+def _run_trial(spec: TrialSpec, mesh, clock: Callable[[], float], log: Callable[[str], None],
+               ckpt: checkpoint.TrialCheckpointer | None, watch: checkpoint.PreemptionWatch,
+               on_window: Callable[[int], None] | None) -> dict[str, Any]:
   trial_start = clock()
   ledger = TimeLedger(clock)
   timer = WindowTimer(clock)
   mesh = mesh or parallel.make_mesh(spec.num_devices)
   workload = get_workload(spec.workload, dict(spec.workload_options))
+  resume = ckpt is not None and ckpt.latest_step is not None
 
   with ledger.measure("setup"):
     tx = parallel.make_optimizer(spec)
-    state = parallel.init_state(workload, spec, mesh, tx)
+    # A resumed trial restores its state onto this abstract one (below), never computes it.
+    state = (parallel.abstract_state(workload, spec, mesh, tx) if resume
+             else parallel.init_state(workload, spec, mesh, tx))
     if workload.synthetic:
       data, eval_data = (), None
     else:
@@ -113,10 +167,31 @@ def run_trial(spec: TrialSpec, *, mesh=None, clock: Callable[[], float] = time.p
   eval_every = spec.eval_every_steps
   calls_per_window = (max(1, eval_every // k) if eval_every else
                       max(1, WINDOW_EXAMPLES // (k * spec.global_batch)))
+  window_steps = calls_per_window * k  # windows end on multiples of this (evals fall there)
   step = 0
   status, diverged_step, last_loss = None, None, None
   history: list[dict[str, Any]] = []
   to_target: dict[str, Any] = {}
+  resumes, from_fallback, notes = 0, False, []
+  if resume:
+    with ledger.measure("checkpoint"):
+      restored = ckpt.restore(state)
+    state, loop = restored.state, restored.loop
+    step, status = loop["step"], loop["status"]
+    diverged_step, last_loss = loop["diverged_step"], loop["last_loss"]
+    history, to_target = loop["history"], loop["to_target"]
+    for bucket, seconds in loop["ledger"].items():  # time accumulates across resumes
+      ledger.add(bucket, seconds)
+    timer.windows = [Window(*w) for w in loop["windows"]]
+    trial_start -= loop["wall_s"]
+    resumes, notes = loop["resumes"] + 1, loop["notes"]
+    from_fallback = loop["restored_from_fallback"] or bool(restored.skipped_corrupt)
+    notes.append(f"resumed from step {step}" + (
+        f" after moving aside corrupted step(s) {restored.skipped_corrupt}"
+        if restored.skipped_corrupt else ""))
+    log(f"  {notes[-1]} ({ckpt.step_path(step)})")
+  saved_step = step
+  drop_window = resume  # the first window after a restore is a warm-up, like the first
   last_log = clock()
 
   def evaluate() -> dict[str, float]:
@@ -128,25 +203,47 @@ def run_trial(spec: TrialSpec, *, mesh=None, clock: Callable[[], float] = time.p
                     "train_s": ledger.seconds["train"], "metrics": metrics})
     return metrics
 
+  def save_checkpoint() -> None:
+    # Everything the loop needs to continue bit-identically besides the train state.
+    # The data position is the step: the feed's indices are a pure function of it.
+    loop = {"step": step, "status": status, "diverged_step": diverged_step,
+            "last_loss": last_loss, "history": history, "to_target": to_target,
+            "ledger": ledger.as_dict(), "wall_s": clock() - trial_start,
+            "windows": [[w.examples, w.steps, w.seconds] for w in timer.windows],
+            "resumes": resumes, "restored_from_fallback": from_fallback, "notes": notes}
+    with ledger.measure("checkpoint"):
+      ckpt.save(step, state, loop)
+
   log(f"[{spec.workload} B={spec.global_batch} lr={spec.lr:.4g} seed={spec.seed}] "
       f"{spec.num_devices} device(s) x {spec.per_device_batch} x accum {spec.accum_steps}, "
       f"{k} steps/call, compiled in {compile_s:.2f}s")
   while status is None:
     losses = []
     window_start_step = step
+    window_end = (step // window_steps + 1) * window_steps
+    if spec.max_steps:
+      window_end = min(window_end, spec.max_steps)
+    next_save = _next_checkpoint_step(spec, saved_step) if ckpt is not None else None
+    if next_save:
+      window_end = min(window_end, next_save)
+    preempted = False
     timer.start()
     train_start = clock()
-    for _ in range(calls_per_window):
+    while step < window_end:
       with ledger.measure("input_wait"):
         call_feed = feed(step)
       state, call_losses = train_call(state, data, call_feed)
       losses.append(call_losses)
       step += k
-      if spec.max_steps and step >= spec.max_steps:
+      if watch.check(step, k):
+        preempted = True
         break
     jax.block_until_ready((state, losses))
     steps = step - window_start_step
     timer.stop(steps * spec.global_batch, steps)
+    if drop_window:
+      timer.windows.pop()
+      drop_window = False
     ledger.add("train", clock() - train_start)
 
     window_losses = np.concatenate([np.asarray(x) for x in jax.device_get(losses)])
@@ -171,13 +268,33 @@ def run_trial(spec: TrialSpec, *, mesh=None, clock: Callable[[], float] = time.p
       shown = history[-1]["metrics"] if history else {}
       metric = (f" | {spec.target.metric} {shown[spec.target.metric]:.4f}"
                 if spec.target and shown else "")
-      rate = timer.windows[-1].examples / max(timer.windows[-1].seconds, 1e-9)
+      window = timer.windows[-1] if timer.windows else None
+      rate = window.examples / max(window.seconds, 1e-9) if window else math.nan
       log(f"  step {step:>7d} | {step * spec.global_batch:>9d} examples | loss "
           f"{last_loss:.4f}{metric} | {rate:,.0f} samples/s")
+    if ckpt is not None and status is None and (preempted or step == next_save):
+      save_checkpoint()
+      saved_step = step
+    if on_window is not None:
+      on_window(step)
+    if preempted and status is None:
+      if ckpt is not None:
+        with ledger.measure("checkpoint"):
+          ckpt.wait()
+      raise checkpoint.Preempted(step, ckpt.step_path(step) if ckpt else None)
 
   final_eval_missing = not history or history[-1]["step"] != step
   if eval_call is not None and status != "diverged" and final_eval_missing:
-    evaluate()
+    metrics = evaluate()  # the budget ended between evals: this eval counts too
+    if spec.target and not to_target and spec.target.met(metrics[spec.target.metric]):
+      to_target = _to_target_fields(spec, step, ledger, clock() - trial_start)
+      status = "ok"
+  if ckpt is not None and saved_step != step:  # the end: a killed sweep need not redo it
+    save_checkpoint()
+    saved_step = step
+  if ckpt is not None:
+    with ledger.measure("checkpoint"):
+      ckpt.wait()
   perf = timer.summary()
   row = make_row(
       spec, status=status, steps=step, perf=perf, compile_s=compile_s,
@@ -187,9 +304,22 @@ def run_trial(spec: TrialSpec, *, mesh=None, clock: Callable[[], float] = time.p
       final_train_loss=last_loss, diverged_step=diverged_step,
       traces={"train": len(train_call.traces),
               "eval": len(eval_call.traces) if eval_call else 0},
-      **to_target)
+      resumes=resumes, params_hash=checkpoint.params_hash(state.params),
+      restored_from_fallback=from_fallback, notes=notes, **to_target)
   _log_summary(row, log)
+  if watch.requested:  # SIGTERM in the last window: finished, but stop the sweep
+    raise checkpoint.Preempted(step, ckpt.step_path(step) if ckpt else None, row=row)
   return row
+
+
+def _next_checkpoint_step(spec: TrialSpec, saved_step: int) -> int | None:
+  """The first call boundary at or past the next ``checkpoint_every_examples`` multiple."""
+  every = spec.checkpoint_every_examples
+  if not every:
+    return None
+  examples = (saved_step * spec.global_batch // every + 1) * every
+  steps = -(-examples // spec.global_batch)
+  return -(-steps // spec.steps_per_call) * spec.steps_per_call
 
 
 def make_row(spec: TrialSpec, *, status: str, ledger: TimeLedger | None = None,
@@ -225,6 +355,7 @@ def make_row(spec: TrialSpec, *, status: str, ledger: TimeLedger | None = None,
           "direction": spec.target.direction},
       "eval_history": history, "time_ledger": ledger.as_dict() if ledger else None,
       "traces": None, "diverged_step": None, "resumes": 0, "wall_s": wall,
+      "params_hash": None, "restored_from_fallback": False, "notes": [],
       "spec": spec.to_dict(),
   }
   row.update(fields)
