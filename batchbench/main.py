@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -84,11 +84,12 @@ def _open_workdir(workdir: str | None, config) -> str:
 def _trial(config, workdir, log) -> int:
   import jax  # pylint: disable=g-import-not-at-top
 
-  from batchbench import config as config_lib, results, trial  # pylint: disable=g-import-not-at-top
+  from batchbench import config as config_lib, results, sweep, trial  # pylint: disable=g-import-not-at-top
 
   spec = config_lib.resolve(_with_memory_budget(config), jax.local_device_count())
   workdir = _open_workdir(workdir, config)
-  row = trial.run_trial(spec, log=log)
+  row = trial.run_trial(spec, log=log, workdir=sweep.trial_dir(workdir, spec),
+                        fallback_to_previous_checkpoint=config.fallback_to_previous_checkpoint)
   if jax.process_index() == 0:
     results.append_row(workdir, row)
   print(f"result appended to {os.path.join(workdir, results.RESULTS_FILE)}")
@@ -103,8 +104,11 @@ def _sweep(config, workdir, log) -> int:
 
   specs = sweep.expand(_with_memory_budget(config), jax.local_device_count())
   workdir = _open_workdir(workdir, config)
+  options = sweep.RunOptions(
+      config_path=_config_path(),
+      fallback_to_previous_checkpoint=config.fallback_to_previous_checkpoint)
   summary = sweep.run_sweep(specs, workdir, isolation=_ISOLATION.value, log=log,
-                            config_path=_config_path())
+                            options=options)
   counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["statuses"].items())) or "none"
   print(f"sweep: {summary['ran']} trial(s) run ({counts}), {summary['skipped']} already done")
   return _write_report(workdir)
@@ -216,10 +220,21 @@ def main(argv) -> int:
     return 2
   _, fn = COMMANDS[args[0]]
   log = (lambda _: None) if _QUIET.value else (lambda s: print(s, flush=True))
+  if not flags.FLAGS["verbosity"].present:  # Orbax and JAX log INFO lines by the dozen
+    logging.set_verbosity(logging.WARNING)
   try:
     return fn(_CONFIG.value, _WORKDIR.value, log)
   except ConfigError as e:
     return fail(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    from batchbench import checkpoint, sweep  # pylint: disable=g-import-not-at-top
+    if isinstance(e, checkpoint.Preempted):
+      print(f"batchbench: {e}", file=sys.stderr)
+      return checkpoint.PREEMPTED_EXIT_CODE
+    if isinstance(e, checkpoint.CheckpointError):
+      print(f"batchbench: error: {e}", file=sys.stderr)
+      return sweep.CHECKPOINT_ERROR_EXIT_CODE
+    raise
 
 
 def _flag_error_message(error: Exception) -> str:

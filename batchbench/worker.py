@@ -12,8 +12,9 @@ import runpy
 import signal
 import sys
 
-from batchbench import results, trial
+from batchbench import checkpoint, results, trial
 from batchbench.config import TrialSpec
+from batchbench.sweep import CHECKPOINT_ERROR_EXIT_CODE
 
 
 def _die_with_parent() -> None:
@@ -34,10 +35,18 @@ def main(spec_path: str, row_path: str) -> int:
   if job.get("config_path"):
     runpy.run_path(job["config_path"])  # registers any workloads the config defines
   spec = TrialSpec.from_dict(job["spec"])
-  kwargs = {"log": lambda s: print(s, flush=True)}
-  if "workdir" in trial.run_trial.__code__.co_varnames:
-    kwargs["workdir"] = job["trial_dir"]
-  row = trial.run_trial(spec, **kwargs)
+  try:
+    row = trial.run_trial(
+        spec, log=lambda s: print(s, flush=True), workdir=job["trial_dir"],
+        fallback_to_previous_checkpoint=job.get("fallback_to_previous_checkpoint", False))
+  except checkpoint.Preempted as e:
+    print(f"batchbench: {e}", file=sys.stderr, flush=True)
+    if e.row is not None:
+      results.atomic_write_text(row_path, json.dumps(results.to_jsonable(e.row)))
+    return checkpoint.PREEMPTED_EXIT_CODE
+  except checkpoint.CheckpointError as e:
+    print(f"batchbench: error: {e}", file=sys.stderr, flush=True)
+    return CHECKPOINT_ERROR_EXIT_CODE
   results.atomic_write_text(row_path, json.dumps(results.to_jsonable(row)))
   return 0
 

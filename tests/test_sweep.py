@@ -99,7 +99,7 @@ def test_failures_are_isolated_and_recorded(tmp_path):
 
   from batchbench import trial
 
-  def runner(spec, workdir, log, config_path):
+  def runner(spec, workdir, log, options, watch):
     if spec.trial_id == raising.trial_id:
       raise RuntimeError("injected failure")
     return trial.run_trial(spec, log=log)
@@ -131,7 +131,7 @@ def test_rerun_skips_finished_and_reruns_only_deleted_rows(tmp_path):
   path.write_text("\n".join(lines[:1] + lines[2:]) + "\n")
   ran = []
 
-  def runner(spec, workdir, log, config_path):
+  def runner(spec, workdir, log, options, watch):
     ran.append(spec.trial_id)
     from batchbench import trial
     return trial.run_trial(spec, log=log)
@@ -201,7 +201,8 @@ def test_process_isolation_records_a_native_crash_and_continues(tmp_path):
   workdir = tmp_path / "work"
   os.makedirs(workdir)
   summary = sweep.run_sweep(specs, str(workdir), isolation="process",
-                            log=lambda _: None, config_path=str(path))
+                            log=lambda _: None,
+                            options=sweep.RunOptions(config_path=str(path)))
   rows = {r["trial_id"]: r for r in results.read_results(str(workdir))}
   assert summary["ran"] == 2 and len(rows) == 2
   assert rows[crash_spec.trial_id]["status"] == "error"
