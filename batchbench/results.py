@@ -45,7 +45,13 @@ eval_history           list of {"examples", "step", "train_s", "metrics"}
 time_ledger            {"compile", "train", "eval", "input_wait", "checkpoint"}
 diverged_step          first step with a non-finite loss, else None
 resumes                times this trial was resumed from a checkpoint
-wall_s                 wall seconds of the trial
+restored_from_fallback True when a corrupt latest checkpoint was skipped
+notes                  list of plain-language notes (e.g. that fallback)
+params_hash            sha256 of the final parameters' bytes (resume equality)
+timed_windows          steady-state timing windows behind samples_per_sec
+traces                 {"train": n, "eval": n}: times each step was traced (1)
+wall_s                 wall seconds of the trial (accumulated across resumes)
+spec                   the resolved TrialSpec as a dict
 =====================  =====================================================
 """
 
