@@ -53,28 +53,6 @@ def _device_peak_bytes(mesh) -> int | None:
   return max(peaks) if peaks else None
 
 
-class _Feed:
-  """Host-side inputs of each train call, already placed with their sharding."""
-
-  def __init__(self, workload, spec: TrialSpec, mesh):
-    self._sharding = parallel.feed_sharding_for(workload, mesh)
-    self._spec = spec
-    self._indices = None
-    if not workload.synthetic:
-      self._indices = device_data.EpochIndexFeeder(
-          spec.train_size, spec.global_batch, spec.accum_steps, spec.steps_per_call, spec.seed)
-
-  def __call__(self, first_step: int) -> jax.Array:
-    s = self._spec
-    if self._indices is not None:
-      host = self._indices.call_indices(first_step)
-    else:  # one key per (step, micro-batch) for synthetic inputs
-      host = (np.arange(first_step * s.accum_steps,
-                        (first_step + s.steps_per_call) * s.accum_steps, dtype=np.int64)
-              .reshape(s.steps_per_call, s.accum_steps) % (2**31 - 1)).astype(np.int32)
-    return jax.device_put(host, self._sharding)
-
-
 def run_trial(spec: TrialSpec, *, mesh=None, clock: Callable[[], float] = time.perf_counter,
               log: Callable[[str], None] | None = print, workdir: str | None = None,
               fallback_to_previous_checkpoint: bool = False,
@@ -147,7 +125,7 @@ def _run_trial(spec: TrialSpec, mesh, clock: Callable[[], float], log: Callable[
       arrays = workload.data()
       data = device_data.put_train_data(arrays, mesh)
       eval_data = device_data.put_eval_data(arrays, mesh)
-    feed = _Feed(workload, spec, mesh)
+    feed = parallel.make_feed(workload, spec, mesh)
     flops = parallel.flops_per_step(workload, spec, mesh, tx, state, data)
   with ledger.measure("compile"):
     train_call = parallel.compile_train_call(workload, spec, mesh, tx, state, data)
