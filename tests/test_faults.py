@@ -338,3 +338,35 @@ def test_torn_last_results_line_is_ignored_and_its_trial_rerun(tmp_path):
 
 if __name__ == "__main__":
   sys.exit(_child(sys.argv[1:]))
+
+
+def test_sigterm_under_process_isolation_is_forwarded_and_the_sweep_resumes(tmp_path):
+  """The sweep forwards SIGTERM to the trial's process: exit 75, no row, exact resume."""
+  from batchbench import checkpoint, results  # pylint: disable=g-import-not-at-top
+  from test_checkpoint import assert_same_result  # pylint: disable=g-import-not-at-top
+
+  reference = _sweep_reference()
+  workdir = str(tmp_path / "sweep")
+  cmd = [sys.executable, "-m", "batchbench", "sweep", "--isolation=process",
+         "--config=configs/digits_mlp.py", f"--workdir={workdir}",
+         "--config.sweep.global_batches=(32,64)", "--config.sweep.lr_multipliers=(1.0,)",
+         "--config.workload_options.hidden=(64,)", "--config.num_devices=2",
+         "--config.target_value=0.95", "--config.checkpoint_every_examples=128"]
+  proc = _popen(cmd, tmp_path / "sweep1")
+  assert _wait_for(lambda: _checkpoint_entries(workdir)[0] >= 1, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, err = _finish(proc)
+  if proc.returncode == 0:  # both trials happened to finish before the signal landed
+    pytest.skip("sweep finished before SIGTERM arrived")
+  assert proc.returncode == checkpoint.PREEMPTED_EXIT_CODE, err[-2000:]
+  assert "rerun the same command" in err
+  assert len(_rows_in_file(workdir)) < 2
+
+  again = _popen(cmd, tmp_path / "sweep2")
+  out, err = _finish(again)
+  assert again.returncode == 0, err[-2000:]
+  rows = {r["trial_id"]: r for r in results.read_results(workdir)}
+  assert sorted(rows) == sorted(reference)
+  assert [r["trial_id"] for r in _rows_in_file(workdir)].count(next(iter(rows))) == 1
+  for trial_id, row in rows.items():
+    assert_same_result(row, reference[trial_id])
