@@ -25,9 +25,12 @@ from batchbench.workloads import get_workload, workload_names
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 NO_TARGET = "none"
-# Aim for about this many examples per compiled call when steps_per_call is auto:
-# enough fused steps that per-call dispatch (~0.15 ms on CPU) is amortised.
-AUTO_EXAMPLES_PER_CALL = 4096
+# Aim for about this many examples per compiled call when steps_per_call is auto (up
+# to MAX_AUTO_STEPS_PER_CALL steps, and dividing the eval interval): each call costs
+# host time (dispatch ~0.15 ms, building and transferring its indices), which on a
+# 2-core CPU also takes cores from XLA; benchmarks/overhead.py measured 4,096 (K=4 at
+# batch 1,024) about 5% slower than a hand-fused loop of 32-64 steps.
+AUTO_EXAMPLES_PER_CALL = 65_536
 MAX_AUTO_STEPS_PER_CALL = 64
 
 

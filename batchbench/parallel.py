@@ -135,28 +135,50 @@ def _aot(fn, args, in_shardings, out_shardings, donate=()) -> tuple[CompiledCall
   return CompiledCall(compiled, seconds, _memory_analysis(compiled), []), lowered
 
 
+# Synthetic inputs: this many micro-batches are drawn per compiled call and the
+# steps cycle through them. Drawing with jax.random inside every step cost up to 28%
+# of throughput on CPU (benchmarks/overhead.py); a per-call pool keeps the inputs
+# changing from call to call at a cost amortised over the call's steps.
+SYNTHETIC_POOL = 2
+
+
 def _batch_fn(workload: Workload, spec: TrialSpec, mesh: Mesh):
-  """Returns ``get_batch(data, step_input, rng) -> (x, y, mask)`` for one micro-batch."""
+  """Returns ``(prepare, get_batch)`` for one micro-batch.
+
+  ``prepare(data, feed, rng)`` runs once per call and returns what ``get_batch(
+  prepared, step_input) -> (x, y, mask)`` reads: the device-resident dataset, or a
+  pool of synthetic micro-batches drawn from the call's first key.
+  """
   batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+  pool_sharding = NamedSharding(mesh, P(None, DATA_AXIS))
   micro = spec.micro_batch
 
-  def constrain(*arrays):
-    return tuple(jax.lax.with_sharding_constraint(a, batch_sharding) for a in arrays)
+  def constrain(sharding, *arrays):
+    return tuple(jax.lax.with_sharding_constraint(a, sharding) for a in arrays)
 
   if workload.synthetic:
-    def get_batch(data, key, rng):
+    def prepare(data, feed, rng):
       del data
-      key = jax.random.fold_in(rng, key)
-      kx, ky = jax.random.split(key)
-      x = jax.random.normal(kx, (micro, *workload.input_shape), workload.input_dtype)
-      y = jax.random.randint(ky, (micro,), 0, workload.num_classes)
-      return constrain(x, y, jnp.ones((micro,), jnp.float32))
+      kx, ky = jax.random.split(jax.random.fold_in(rng, feed[0, 0]))
+      shape = (SYNTHETIC_POOL, micro)
+      x = jax.random.normal(kx, (*shape, *workload.input_shape), workload.input_dtype)
+      y = jax.random.randint(ky, shape, 0, workload.num_classes)
+      return constrain(pool_sharding, x, y)
+
+    def get_batch(pool, key):
+      x, y = pool
+      i = key % SYNTHETIC_POOL
+      return constrain(batch_sharding, x[i], y[i], jnp.ones((micro,), jnp.float32))
   else:
-    def get_batch(data, idx, rng):
-      del rng
+    def prepare(data, feed, rng):
+      del feed, rng
+      return data
+
+    def get_batch(data, idx):
       train_x, train_y = data
-      return constrain(train_x[idx], train_y[idx], jnp.ones(idx.shape, jnp.float32))
-  return get_batch
+      return constrain(batch_sharding, train_x[idx], train_y[idx],
+                       jnp.ones(idx.shape, jnp.float32))
+  return prepare, get_batch
 
 
 def make_train_call(workload: Workload, spec: TrialSpec, mesh: Mesh,
@@ -164,15 +186,16 @@ def make_train_call(workload: Workload, spec: TrialSpec, mesh: Mesh,
   """The un-jitted train call: ``(state, data, feed) -> (state, losses[K])``.
 
   ``feed`` is ``(K, accum, micro)`` example indices for an embedded dataset, or
-  ``(K, accum)`` integer keys for synthetic inputs.
+  ``(K, accum)`` integer keys for synthetic inputs (the call draws a pool of
+  ``SYNTHETIC_POOL`` micro-batches from its first key; key % pool picks one).
   """
-  get_batch = _batch_fn(workload, spec, mesh)
+  prepare, get_batch = _batch_fn(workload, spec, mesh)
   grad_fn = jax.value_and_grad(workload.loss, has_aux=True)
 
   def train_step(state: TrainState, data, step_feed):
     def accumulate(carry, micro_feed):
       grads, loss_sum, count = carry
-      x, y, mask = get_batch(data, micro_feed, state.rng)
+      x, y, mask = get_batch(data, micro_feed)
       (micro_loss, micro_count), g = grad_fn(state.params, x, y, mask)
       return (jax.tree.map(jnp.add, grads, g), loss_sum + micro_loss,
               count + micro_count), None
@@ -187,7 +210,8 @@ def make_train_call(workload: Workload, spec: TrialSpec, mesh: Mesh,
 
   def train_call(state: TrainState, data, feed):
     traces.append(1)
-    return jax.lax.scan(lambda s, f: train_step(s, data, f), state, feed)
+    prepared = prepare(data, feed, state.rng)
+    return jax.lax.scan(lambda s, f: train_step(s, prepared, f), state, feed)
 
   return train_call
 
