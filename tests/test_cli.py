@@ -129,9 +129,13 @@ def test_mnist1d_trial_writes_its_row_and_run_metadata(cli):
   proc, workdir, cache = cli.runs["mnist1d"], cli.good / "wd", cli.good / "cache"
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"result appended to {workdir / results.RESULTS_FILE}" in proc.stdout
-  assert sorted(os.listdir(workdir)) == [results.RESULTS_FILE, results.META_FILE]
+  assert sorted(os.listdir(workdir)) == [results.RESULTS_FILE, results.META_FILE, "trials"]
 
   (row,) = results.read_results(str(workdir))
+  # The trial keeps its spec and final checkpoint under trials/<trial_id>/.
+  trial_dir = workdir / "trials" / row["trial_id"]
+  assert (trial_dir / "spec.json").exists()
+  assert os.listdir(trial_dir / "checkpoints") == ["16"]
   assert row["workload"] == "mnist1d_mlp" and row["status"] == "ok"
   assert (row["global_batch"], row["num_devices"], row["per_device_batch"]) == (256, 8, 32)
   assert row["steps"] == 16 and row["examples"] == 16 * 256
