@@ -99,15 +99,21 @@ def test_failures_are_isolated_and_recorded(tmp_path):
 
   from batchbench import trial
 
+  exhausted = specs[2]
+
   def runner(spec, workdir, log, options, watch):
     if spec.trial_id == raising.trial_id:
       raise RuntimeError("injected failure")
+    if spec.trial_id == exhausted.trial_id:  # what XLA raises when device memory runs out
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.00GiB")
     return trial.run_trial(spec, log=log)
 
-  all_specs = [raising, diverging, over_budget, specs[1]]
+  all_specs = [raising, diverging, over_budget, exhausted, specs[1]]
   summary = sweep.run_sweep(all_specs, str(tmp_path), log=lambda _: None, runner=runner)
   rows = {r["trial_id"]: r for r in results.read_results(str(tmp_path))}
-  assert len(rows) == 4 and summary["ran"] == 4
+  assert len(rows) == 5 and summary["ran"] == 5
+  assert rows[exhausted.trial_id]["status"] == "oom"
+  assert "RESOURCE_EXHAUSTED" in rows[exhausted.trial_id]["error"]
   assert rows[raising.trial_id]["status"] == "error"
   assert "injected failure" in rows[raising.trial_id]["error"]
   assert rows[diverging.trial_id]["status"] == "diverged"

@@ -61,8 +61,14 @@ class EpochIndexFeeder:
     Returns:
       int32 array of shape ``(steps_per_call, accum_steps, global_batch // accum_steps)``.
     """
-    out = np.stack([self.step_indices(first_step + k) for k in range(self.steps_per_call)])
-    return out.reshape(self.steps_per_call, self.accum_steps, -1)
+    k = self.steps_per_call
+    first_epoch, first_pos = divmod(first_step, self.steps_per_epoch)
+    if first_pos + k <= self.steps_per_epoch:  # one epoch: a contiguous slice, no copies
+      start = first_pos * self.global_batch
+      out = self._permutation(first_epoch)[start:start + k * self.global_batch]
+    else:
+      out = np.concatenate([self.step_indices(first_step + i) for i in range(k)])
+    return out.reshape(k, self.accum_steps, -1)
 
 
 def feed_sharding(mesh: Mesh) -> NamedSharding:
