@@ -284,7 +284,9 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
              f"{c.workload} is synthetic (no data to count examples of): set max_steps")
 
   # Steps fused per call: evals and a max_steps budget must fall on call boundaries.
-  boundary = math.gcd(eval_every_steps or 0, max_steps or 0)
+  # An eval interval longer than max_steps never fires, so it constrains nothing.
+  eval_boundary = eval_every_steps if not max_steps or (eval_every_steps or 0) <= max_steps else 0
+  boundary = math.gcd(eval_boundary or 0, max_steps or 0)
   if steps_per_call == 0:
     want = max(1, min(MAX_AUTO_STEPS_PER_CALL, AUTO_EXAMPLES_PER_CALL // global_batch))
     steps_per_call = _largest_divisor_at_most(boundary, want) if boundary else want

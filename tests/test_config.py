@@ -10,6 +10,7 @@ import re
 
 import pytest
 
+from batchbench import config as config_lib
 from batchbench.config import ConfigError, check_workdir, parse_arg, resolve
 from batchbench.workloads import Target
 
@@ -274,3 +275,12 @@ def test_check_workdir_rejects_a_read_only_parent(tmp_path):
   finally:
     ro.chmod(0o755)
 
+
+
+def test_an_eval_interval_past_max_steps_does_not_shrink_steps_per_call():
+  c = config_lib.default_config()
+  c.global_batch, c.num_devices, c.max_steps = 1024, 1, 2048
+  c.eval_every_examples = 10**9  # 976,562 steps: never reached within 2,048
+  spec = config_lib.resolve(c, 8)
+  assert spec.steps_per_call == config_lib.MAX_AUTO_STEPS_PER_CALL
+  assert spec.max_steps % spec.steps_per_call == 0
