@@ -121,7 +121,8 @@ def _write_report(workdir: str) -> int:
   paths = report.write_report(workdir, rows)
   print(report.format_table(rows))
   print(report.recommend(rows)["text"])
-  print(f"report: {paths.get('report.html') or os.path.join(workdir, 'report')}")
+  print(f"report: {paths.get('report.html') or os.path.join(workdir, 'report')} "
+        "(also report.md, summary.csv and the plots beside it)")
   return 0
 
 

@@ -231,7 +231,7 @@ def recommend(rows: list[Row]) -> dict[str, Any]:
     text.append(
         f"Train with global batch {fastest['global_batch']}: on this machine it reached "
         f"the target ({_target_text(fastest['target'])}) soonest, after "
-        f"{fastest['time_to_target_s']:.1f} s of training "
+        f"{_fmt(fastest['time_to_target_s'])} s of training "
         f"({_fmt(fastest.get('time_to_target_wall_s'))} s wall, with compile and eval) "
         f"and {_fmt(fastest['steps_to_target'])} steps at lr {_lr_text(fastest)}.")
   elif basis == "samples_per_sec":

@@ -6,4 +6,3 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 WORKDIR="${WORKDIR:-/tmp/batchbench_default}"
 .venv/bin/batchbench sweep --config=configs/digits_mlp.py --workdir="$WORKDIR" "$@"
-echo "report: $WORKDIR/report/report.html (also report.md, summary.csv, *.png)"
