@@ -8,8 +8,32 @@ os.environ["XLA_FLAGS"] = " ".join(
     + ["--xla_force_host_platform_device_count=8"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import importlib.util  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import pathlib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_config(name, arg=None):
+  """``get_config(arg)`` of ``configs/<name>.py``, loaded by path as the CLI does."""
+  spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(name="no_compile")
+def fixture_no_compile(monkeypatch):
+  """Makes any compile an error: proves validation happens before compilation."""
+  from batchbench import parallel  # pylint: disable=g-import-not-at-top
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("compiled before validating its input")
+  monkeypatch.setattr(parallel, "compile_train_call", refuse)
+  monkeypatch.setattr(parallel, "compile_forward_call", refuse)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """Configs and resolve(): what a valid config resolves to, and every invalid field's error."""
 
 import dataclasses
-import importlib.util
 import math
 import os
 import pathlib
@@ -9,6 +8,7 @@ import pickle
 import re
 
 import pytest
+from conftest import load_config
 
 from batchbench import config as config_lib
 from batchbench.config import ConfigError, check_workdir, parse_arg, resolve
@@ -18,11 +18,6 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
 
 
-def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def digits(**overrides):

@@ -9,7 +9,7 @@ import pytest
 from absl import flags
 
 from batchbench import config as config_lib
-from batchbench import decompose, main, parallel
+from batchbench import decompose, main
 from batchbench.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,13 +25,6 @@ def tiny_config(num_devices=0):
   return c
 
 
-@pytest.fixture(name="no_compile")
-def fixture_no_compile(monkeypatch):
-  """Makes any compile an error: proves validation happens before compilation."""
-  def refuse(*args, **kwargs):
-    raise AssertionError("compiled before validating its input")
-  monkeypatch.setattr(parallel, "compile_train_call", refuse)
-  monkeypatch.setattr(parallel, "compile_forward_call", refuse)
 
 
 def brute_force_splits(batch, max_devices):

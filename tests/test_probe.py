@@ -25,13 +25,6 @@ def tiny_config():
   return c
 
 
-@pytest.fixture(name="no_compile")
-def fixture_no_compile(monkeypatch):
-  """Makes any compile an error: proves validation happens before compilation."""
-  def refuse(*args, **kwargs):
-    raise AssertionError("compiled before validating its input")
-  monkeypatch.setattr(parallel, "compile_train_call", refuse)
-  monkeypatch.setattr(parallel, "compile_forward_call", refuse)
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -1,21 +1,14 @@
 """Timing arithmetic under a fake clock: exact answers, in isolation and inside a trial."""
 
-import importlib.util
-import pathlib
 
 import pytest
+from conftest import load_config
 
 from batchbench import config as config_lib, trial
 from batchbench.timing import BUCKETS, TimeLedger, WindowTimer
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 class FakeClock:

@@ -1,10 +1,8 @@
 """One trial end to end on 8 fake CPU devices: parallel equivalence, accumulation,
 reaching the target, compiling once, divergence, and the row it stores."""
 
-import importlib.util
 import json
 import os
-import pathlib
 
 import chex
 import jax
@@ -12,19 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import load_config
 
 from batchbench import config as config_lib, parallel, results, trial
 from batchbench.data import device as device_data
 from batchbench.workloads import get_workload
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def small_digits(**overrides):
