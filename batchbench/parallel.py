@@ -126,13 +126,14 @@ class CompiledCall:
     return self.fn(*args)
 
 
-def _aot(fn, args, in_shardings, out_shardings, donate=()) -> tuple[CompiledCall, Any]:
+def _aot(fn, args, in_shardings, out_shardings, traces: list[int],
+         donate=()) -> CompiledCall:
   start = time.perf_counter()
   lowered = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
                     donate_argnums=donate).lower(*args)
   compiled = lowered.compile()
   seconds = time.perf_counter() - start
-  return CompiledCall(compiled, seconds, _memory_analysis(compiled), []), lowered
+  return CompiledCall(compiled, seconds, _memory_analysis(compiled), traces)
 
 
 # Synthetic inputs: this many micro-batches are drawn per compiled call and the
@@ -238,10 +239,8 @@ def compile_train_call(workload: Workload, spec: TrialSpec, mesh: Mesh,
   repl = replicated(mesh)
   feed = jax.ShapeDtypeStruct(feed_shape(workload, spec), jnp.int32,
                               sharding=feed_sharding_for(workload, mesh))
-  call, _ = _aot(fn, (state, data, feed), (repl, repl, feed.sharding), (repl, repl),
-                 donate=(0,))
-  call.traces = traces
-  return call
+  return _aot(fn, (state, data, feed), (repl, repl, feed.sharding), (repl, repl), traces,
+              donate=(0,))
 
 
 def flops_per_step(workload: Workload, spec: TrialSpec, mesh: Mesh,
@@ -275,9 +274,7 @@ def compile_eval_call(workload: Workload, mesh: Mesh, params, eval_data) -> Comp
     return jax.lax.scan(chunk, zeros, eval_data)[0]
 
   repl = replicated(mesh)
-  call, _ = _aot(eval_call, (params, eval_data), (repl, eval_data[0].sharding), repl)
-  call.traces = traces
-  return call
+  return _aot(eval_call, (params, eval_data), (repl, eval_data[0].sharding), repl, traces)
 
 
 def abstract_state(workload: Workload, spec: TrialSpec, mesh: Mesh,
@@ -338,9 +335,7 @@ def compile_forward_call(workload: Workload, mesh: Mesh, params,
           jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch),
           jax.ShapeDtypeStruct((batch_size,), jnp.float32, sharding=batch))
   repl = replicated(mesh)
-  call, _ = _aot(forward, args, (repl, batch, batch, batch), repl)
-  call.traces = traces
-  return call
+  return _aot(forward, args, (repl, batch, batch, batch), repl, traces)
 
 
 def make_feed(workload: Workload, spec: TrialSpec, mesh: Mesh) -> Callable[[int], jax.Array]:

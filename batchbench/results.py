@@ -69,7 +69,6 @@ from collections.abc import Iterable
 RESULTS_FILE = "results.jsonl"
 META_FILE = "run_meta.json"
 STATUSES = ("ok", "target_not_reached", "diverged", "oom", "error")
-FINISHED_STATUSES = STATUSES  # every status is a finished outcome of a trial
 
 
 def to_jsonable(value: Any) -> Any:

@@ -30,9 +30,6 @@ import optax
 
 PyTree = Any
 
-DIRECTIONS = ("max", "min")
-
-
 @dataclasses.dataclass(frozen=True)
 class Target:
   """A workload is trained once ``metric`` reaches ``value`` in ``direction``."""
