@@ -172,14 +172,15 @@ def _run_trial(spec: TrialSpec, mesh, clock: Callable[[], float], log: Callable[
   drop_window = resume  # the first window after a restore is a warm-up, like the first
   last_log = clock()
 
-  def evaluate() -> dict[str, float]:
+  def evaluate() -> bool:
+    """Evaluates at ``step``; True when this is the first eval that meets the target."""
     with ledger.measure("eval"):
       sums = jax.device_get(eval_call(state.params, eval_data))
     count = float(sums.pop("count"))
     metrics = {name: float(v) / count for name, v in sums.items()}
     history.append({"examples": step * spec.global_batch, "step": step,
                     "train_s": ledger.seconds["train"], "metrics": metrics})
-    return metrics
+    return bool(spec.target and not to_target and spec.target.met(metrics[spec.target.metric]))
 
   def save_checkpoint() -> None:
     # Everything the loop needs to continue bit-identically besides the train state.
@@ -231,12 +232,10 @@ def _run_trial(spec: TrialSpec, mesh, clock: Callable[[], float], log: Callable[
       diverged_step = window_start_step + int(bad[0]) + 1
       status = "diverged"
       break
-    if eval_call is not None and step % eval_every == 0:
-      metrics = evaluate()
-      if spec.target and not to_target and spec.target.met(metrics[spec.target.metric]):
-        to_target = _to_target_fields(spec, step, ledger, clock() - trial_start)
-        status = "ok"
-        break
+    if eval_call is not None and step % eval_every == 0 and evaluate():
+      to_target = _to_target_fields(spec, step, ledger, clock() - trial_start)
+      status = "ok"
+      break
     if spec.max_steps and step >= spec.max_steps:
       status = "ok" if spec.target is None else "target_not_reached"
     elif spec.max_seconds and ledger.seconds["train"] >= spec.max_seconds:
@@ -262,11 +261,10 @@ def _run_trial(spec: TrialSpec, mesh, clock: Callable[[], float], log: Callable[
       raise checkpoint.Preempted(step, ckpt.step_path(step) if ckpt else None)
 
   final_eval_missing = not history or history[-1]["step"] != step
-  if eval_call is not None and status != "diverged" and final_eval_missing:
-    metrics = evaluate()  # the budget ended between evals: this eval counts too
-    if spec.target and not to_target and spec.target.met(metrics[spec.target.metric]):
-      to_target = _to_target_fields(spec, step, ledger, clock() - trial_start)
-      status = "ok"
+  # The budget ended between evals: this eval counts toward the target too.
+  if eval_call is not None and status != "diverged" and final_eval_missing and evaluate():
+    to_target = _to_target_fields(spec, step, ledger, clock() - trial_start)
+    status = "ok"
   if ckpt is not None and saved_step != step:  # the end: a killed sweep need not redo it
     save_checkpoint()
     saved_step = step
