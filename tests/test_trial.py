@@ -163,13 +163,20 @@ def test_step_is_traced_and_compiled_once_per_trial(digits_default_row):
   assert len(digits_default_row["eval_history"]) > 1  # several calls and evals, one trace
 
 
-def test_train_call_never_retraces():
+def _two_step_call_parts():
+  """A small digits spec fused 2 steps per call, with its workload, mesh, optimizer,
+  initial state and device data: what building a train call needs."""
   spec = config_lib.resolve(small_digits(steps_per_call=2), 8)
   workload = get_workload(spec.workload, dict(spec.workload_options))
   mesh = parallel.make_mesh(8)
   tx = parallel.make_optimizer(spec)
   state = parallel.init_state(workload, spec, mesh, tx)
   data = device_data.put_train_data(workload.data(), mesh)
+  return spec, workload, mesh, tx, state, data
+
+
+def test_train_call_never_retraces():
+  spec, workload, mesh, tx, state, data = _two_step_call_parts()
   traces = []
   chex.clear_trace_counter()
   fn = chex.assert_max_traces(parallel.make_train_call(workload, spec, mesh, tx, traces), n=1)
@@ -186,12 +193,7 @@ def test_train_call_never_retraces():
 
 
 def test_compiled_call_refuses_other_shapes_instead_of_recompiling():
-  spec = config_lib.resolve(small_digits(steps_per_call=2), 8)
-  workload = get_workload(spec.workload, dict(spec.workload_options))
-  mesh = parallel.make_mesh(8)
-  tx = parallel.make_optimizer(spec)
-  state = parallel.init_state(workload, spec, mesh, tx)
-  data = device_data.put_train_data(workload.data(), mesh)
+  spec, workload, mesh, tx, state, data = _two_step_call_parts()
   call = parallel.compile_train_call(workload, spec, mesh, tx, state, data)
   wrong = jax.device_put(np.zeros((1, 1, 64), np.int32), parallel.feed_sharding_for(workload, mesh))
   with pytest.raises((TypeError, ValueError)):
