@@ -173,6 +173,7 @@ def _time_windows(call, state, data, feed, spec, window_steps: int, windows: int
       state, call_losses = call(state, data, feed(step))
       losses.append(call_losses)
       step += k
+      feed.prefetch(step)
     jax.block_until_ready((state, losses))
     timer.stop(calls * k * spec.global_batch, calls * k)
   return timer.summary()
@@ -257,14 +258,14 @@ def run_decompose(config: ml_collections.ConfigDict, workdir: str,
       step_call = call if spec.steps_per_call == 1 else parallel.compile_train_call(
           workload, one, mesh, tx, parallel.abstract_state(workload, one, mesh, tx), data)
       new_state, _ = step_call(_place(host_state, mesh), data,
-                               parallel.make_feed(workload, one, mesh)(0))
+                               parallel.make_feed(workload, one)(0))
       after = jax.device_get(new_state.params)
       if ref_after is None:
         reference, ref_after = dict(num_devices=s.num_devices, accum_steps=s.accum_steps), after
       row["max_rel_diff"] = update_rel_diff(before, after, ref_after)
       row["equivalent"] = row["max_rel_diff"] <= EQUIVALENCE_TOLERANCE
     perf = _time_windows(call, _place(host_state, mesh), data,
-                         parallel.make_feed(workload, spec, mesh), spec, window_steps, windows,
+                         parallel.make_feed(workload, spec), spec, window_steps, windows,
                          clock)
     iqr = perf["samples_per_sec_iqr"] or [None, None]
     row.update(samples_per_sec=perf["samples_per_sec"], samples_per_sec_q25=iqr[0],

@@ -381,7 +381,7 @@ def measure_device_peak(spec: TrialSpec, mesh, calls: int = 3,
   state = parallel.init_state(workload, spec, mesh, tx)
   data = () if workload.synthetic else device_data.put_train_data(workload.data(), mesh)
   call = parallel.compile_train_call(workload, spec, mesh, tx, state, data)
-  feed = parallel.make_feed(workload, spec, mesh)
+  feed = parallel.make_feed(workload, spec)
   for i in range(calls):
     state, losses = call(state, data, feed(i * spec.steps_per_call))
   jax.block_until_ready((state, losses))

@@ -15,8 +15,8 @@ import numpy as np
 
 Clock = Callable[[], float]
 
-# Where a trial's wall time goes. ``input_wait`` is the part of ``train`` that the
-# host spent producing inputs; every other bucket is disjoint from the rest.
+# Where a trial's wall time goes. ``input_wait`` is the part of ``train`` that the loop
+# waited for inputs the host had not built ahead; every other bucket is disjoint.
 BUCKETS = ("setup", "compile", "train", "input_wait", "eval", "checkpoint")
 
 

@@ -57,7 +57,7 @@ def run_trial(spec: TrialSpec, *, mesh=None, clock: Callable[[], float] = time.p
               log: Callable[[str], None] | None = print, workdir: str | None = None,
               fallback_to_previous_checkpoint: bool = False,
               preemption: checkpoint.PreemptionWatch | None = None,
-              on_window: Callable[[int], None] | None = None) -> dict[str, Any]:
+              on_window: Callable[[int, Window], None] | None = None) -> dict[str, Any]:
   """Runs one trial, or resumes it from its latest checkpoint, and returns its result row.
 
   Args:
@@ -71,8 +71,10 @@ def run_trial(spec: TrialSpec, *, mesh=None, clock: Callable[[], float] = time.p
       is corrupted (recorded in the row) instead of raising.
     preemption: a watch shared with the caller (a sweep watching SIGTERM across
       trials); default one for this trial when it has a ``workdir``.
-    on_window: called with the step after every timing window (and its
-      checkpoint); tests use it to interrupt a trial.
+    on_window: called as ``on_window(step, window)`` after every timing window
+      (and its checkpoint) with the window's examples, steps and seconds, outside
+      the timed region; tests use it to interrupt a trial, the overhead benchmark
+      to interleave its own loops and pair their windows with the trial's.
 
   Returns:
     The result row. Divergence and a missed target are statuses, not exceptions.
@@ -106,7 +108,7 @@ def run_trial(spec: TrialSpec, *, mesh=None, clock: Callable[[], float] = time.p
 
 def _run_trial(spec: TrialSpec, mesh, clock: Callable[[], float], log: Callable[[str], None],
                ckpt: checkpoint.TrialCheckpointer | None, watch: checkpoint.PreemptionWatch,
-               on_window: Callable[[int], None] | None) -> dict[str, Any]:
+               on_window: Callable[[int, Window], None] | None) -> dict[str, Any]:
   trial_start = clock()
   ledger = TimeLedger(clock)
   timer = WindowTimer(clock)
@@ -125,7 +127,7 @@ def _run_trial(spec: TrialSpec, mesh, clock: Callable[[], float], log: Callable[
       arrays = workload.data()
       data = device_data.put_train_data(arrays, mesh)
       eval_data = device_data.put_eval_data(arrays, mesh)
-    feed = parallel.make_feed(workload, spec, mesh)
+    feed = parallel.make_feed(workload, spec)
     flops = parallel.flops_per_step(workload, spec, mesh, tx, state, data)
   with ledger.measure("compile"):
     train_call = parallel.compile_train_call(workload, spec, mesh, tx, state, data)
@@ -214,15 +216,16 @@ def _run_trial(spec: TrialSpec, mesh, clock: Callable[[], float], log: Callable[
       state, call_losses = train_call(state, data, call_feed)
       losses.append(call_losses)
       step += k
+      if not spec.max_steps or step < spec.max_steps:
+        feed.prefetch(step)  # while the device runs the call just dispatched
       if watch.check(step, k):
         preempted = True
         break
     jax.block_until_ready((state, losses))
     steps = step - window_start_step
     timer.stop(steps * spec.global_batch, steps)
-    if drop_window:
-      timer.windows.pop()
-      drop_window = False
+    window = timer.windows.pop() if drop_window else timer.windows[-1]
+    drop_window = False
     ledger.add("train", clock() - train_start)
 
     window_losses = np.concatenate([np.asarray(x) for x in jax.device_get(losses)])
@@ -245,15 +248,14 @@ def _run_trial(spec: TrialSpec, mesh, clock: Callable[[], float], log: Callable[
       shown = history[-1]["metrics"] if history else {}
       metric = (f" | {spec.target.metric} {shown[spec.target.metric]:.4f}"
                 if spec.target and shown else "")
-      window = timer.windows[-1] if timer.windows else None
-      rate = window.examples / max(window.seconds, 1e-9) if window else math.nan
+      rate = window.examples / max(window.seconds, 1e-9)
       log(f"  step {step:>7d} | {step * spec.global_batch:>9d} examples | loss "
           f"{last_loss:.4f}{metric} | {rate:,.0f} samples/s")
     if ckpt is not None and status is None and (preempted or step == next_save):
       save_checkpoint()
       saved_step = step
     if on_window is not None:
-      on_window(step)
+      on_window(step, window)
     if preempted and status is None:
       if ckpt is not None:
         with ledger.measure("checkpoint"):

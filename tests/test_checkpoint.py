@@ -55,7 +55,8 @@ class Interrupt(Exception):
 
 
 def interrupt_at(step_at_least):
-  def hook(step):
+  def hook(step, window):
+    del window
     if step >= step_at_least:
       raise Interrupt(step)
   return hook
@@ -74,7 +75,7 @@ def reference():
   before = signal.getsignal(signal.SIGTERM)
   handlers = []
   row = trial.run_trial(small_spec(), log=None,
-                        on_window=lambda _: handlers.append(signal.getsignal(signal.SIGTERM)))
+                        on_window=lambda *_: handlers.append(signal.getsignal(signal.SIGTERM)))
   assert all(h is before for h in handlers), "no SIGTERM handler without a trial dir"
   assert row["status"] == "ok" and row["steps_to_target"] and row["resumes"] == 0
   assert row["time_ledger"]["checkpoint"] == 0.0
@@ -96,9 +97,9 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, reference):
   before = signal.getsignal(signal.SIGTERM)
   handlers = []
 
-  def hook(step):
+  def hook(step, window):
     handlers.append(signal.getsignal(signal.SIGTERM))
-    interrupt_at(20)(step)
+    interrupt_at(20)(step, window)
 
   with pytest.raises(Interrupt):
     trial.run_trial(small_spec(), workdir=str(trial_dir), log=None, on_window=hook)
@@ -131,7 +132,8 @@ def test_preemption_checkpoints_at_the_next_call_boundary(tmp_path, reference):
   trial_dir = str(tmp_path / "trial")
   watch = checkpoint.PreemptionWatch()
 
-  def preempt(step):  # what the SIGTERM handler does, from inside a window boundary
+  def preempt(step, window):  # what the SIGTERM handler does, at a window boundary
+    del window
     if step >= 8:
       watch.requested = True
 

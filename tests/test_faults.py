@@ -71,8 +71,8 @@ def _child(argv) -> int:
   ckpt_dir = os.path.join(args.trial_dir, checkpoint.CHECKPOINT_DIR)
   limited = []
 
-  def on_window(step):
-    del step
+  def on_window(step, window):
+    del step, window
     if args.fsize_after_checkpoint and not limited and checkpoint.committed_steps(ckpt_dir):
       # A full disk, as the kernel reports it: writes past the limit fail with EFBIG.
       signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -12,6 +12,8 @@ of a run is just its step count (what a checkpoint needs to resume exactly).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,17 +60,51 @@ class EpochIndexFeeder:
   def call_indices(self, first_step: int) -> np.ndarray:
     """Indices for steps ``first_step .. first_step + steps_per_call - 1``.
 
+    Copies one contiguous run of the permutation per epoch the call touches (a
+    view, without copying, when it stays within one epoch).
+
     Returns:
       int32 array of shape ``(steps_per_call, accum_steps, global_batch // accum_steps)``.
     """
-    k = self.steps_per_call
-    first_epoch, first_pos = divmod(first_step, self.steps_per_epoch)
-    if first_pos + k <= self.steps_per_epoch:  # one epoch: a contiguous slice, no copies
-      start = first_pos * self.global_batch
-      out = self._permutation(first_epoch)[start:start + k * self.global_batch]
+    k, batch = self.steps_per_call, self.global_batch
+    epoch, pos = divmod(first_step, self.steps_per_epoch)
+    if pos + k <= self.steps_per_epoch:
+      out = self._permutation(epoch)[pos * batch:(pos + k) * batch]
     else:
-      out = np.concatenate([self.step_indices(first_step + i) for i in range(k)])
+      out = np.empty(k * batch, np.int32)
+      done = 0
+      while done < k:
+        n = min(k - done, self.steps_per_epoch - pos)
+        out[done * batch:(done + n) * batch] = self._permutation(epoch)[pos * batch:
+                                                                        (pos + n) * batch]
+        done += n
+        epoch, pos = epoch + 1, 0
     return out.reshape(k, self.accum_steps, -1)
+
+
+class LookaheadFeed:
+  """``feed(first_step)`` that can build the next call's inputs ahead of time.
+
+  Dispatch is asynchronous, so after dispatching a call the loop calls
+  ``prefetch(next_step)``: the host builds the next call's inputs while the
+  device runs the current one, and ``feed(next_step)`` then returns them at once.
+  Without this, a window of one call would wait on the host's index building
+  (about 1 ms per 32 fresh permutations of 1,437 examples). The inputs are a pure
+  function of the step, so computing them early changes nothing.
+  """
+
+  def __init__(self, feed: Callable[[int], np.ndarray]):
+    self._feed = feed
+    self._ahead: tuple[int, np.ndarray] | None = None
+
+  def __call__(self, first_step: int) -> np.ndarray:
+    ahead, self._ahead = self._ahead, None
+    if ahead is not None and ahead[0] == first_step:
+      return ahead[1]
+    return self._feed(first_step)
+
+  def prefetch(self, first_step: int) -> None:
+    self._ahead = (first_step, self._feed(first_step))
 
 
 def feed_sharding(mesh: Mesh) -> NamedSharding:
