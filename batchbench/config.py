@@ -16,6 +16,7 @@ import math
 import os
 from typing import Any
 
+import jax
 import ml_collections
 from ml_collections import config_dict
 
@@ -32,6 +33,14 @@ NO_TARGET = "none"
 # batch 1,024) about 5% slower than a hand-fused loop of 32-64 steps.
 AUTO_EXAMPLES_PER_CALL = 65_536
 MAX_AUTO_STEPS_PER_CALL = 64
+# When evals come more often than that (small eval interval, large batch), an auto call
+# spans several eval intervals and returns the parameters at each eval point, which are
+# evaluated after the call (outside the timed region). Evaluating at call boundaries
+# instead meant one step per call and a block per step: 0.69-0.72x the throughput at
+# batch 256-1,024 on digits (eval every 256 examples). The copies cost memory, so at
+# most this many per call and this many bytes of them:
+MAX_EVALS_PER_CALL = 16
+MAX_EVAL_SNAPSHOT_BYTES = 64 * 2**20
 
 
 class ConfigError(ValueError):
@@ -154,6 +163,12 @@ class TrialSpec:
   def micro_batch(self) -> int:
     """Global examples per accumulation micro-batch (all devices)."""
     return self.global_batch // self.accum_steps
+
+  @property
+  def evals_per_call(self) -> int:
+    """Eval points inside one call (> 1 only when a call spans several eval intervals)."""
+    every = self.eval_every_steps
+    return self.steps_per_call // every if every and self.steps_per_call > every else 1
 
   @property
   def steps_per_epoch(self) -> int | None:
@@ -290,10 +305,17 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
   if steps_per_call == 0:
     want = max(1, min(MAX_AUTO_STEPS_PER_CALL, AUTO_EXAMPLES_PER_CALL // global_batch))
     steps_per_call = _largest_divisor_at_most(boundary, want) if boundary else want
-  elif boundary:
-    _require(boundary % steps_per_call == 0, "steps_per_call", steps_per_call,
-             f"must divide the eval interval / max_steps ({boundary} steps) so evals fall on "
-             "call boundaries")
+    if eval_boundary and eval_boundary * 2 <= want:
+      evals = _evals_per_call(workload, eval_boundary, want, max_steps)
+      if evals > 1:
+        steps_per_call = evals * eval_boundary
+  elif boundary and boundary % steps_per_call:
+    spans_evals = (eval_boundary and steps_per_call % eval_boundary == 0
+                   and (not max_steps or max_steps % steps_per_call == 0))
+    _require(spans_evals, "steps_per_call", steps_per_call,
+             f"must divide the eval interval / max_steps ({boundary} steps), or be a multiple "
+             f"of the eval interval ({eval_boundary} steps) that divides max_steps, so evals "
+             "fall on call boundaries or at fixed points inside a call")
 
   budget_steps = None
   if max_examples:
@@ -319,6 +341,18 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
       max_steps=budget_steps, max_seconds=c.max_seconds, target=target, seed=c.seed,
       train_size=train_size, memory_budget_bytes=c.memory_budget_bytes,
       checkpoint_every_examples=checkpoint_every_examples)
+
+
+def _evals_per_call(workload, eval_steps: int, want_steps: int, max_steps: int | None) -> int:
+  """How many eval intervals an auto call spans: the most that fit ``want_steps``,
+  ``MAX_EVALS_PER_CALL`` and ``MAX_EVAL_SNAPSHOT_BYTES`` of parameter copies, with the
+  call dividing ``max_steps``."""
+  shapes = jax.eval_shape(workload.init, jax.random.key(0))
+  param_bytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
+  cap = min(want_steps // eval_steps, MAX_EVALS_PER_CALL,
+            max(1, MAX_EVAL_SNAPSHOT_BYTES // max(1, param_bytes)))
+  fits = [m for m in range(1, cap + 1) if not max_steps or max_steps % (m * eval_steps) == 0]
+  return max(fits, default=1)
 
 
 def _resolve_target(c, workload) -> workloads_base.Target | None:

@@ -170,7 +170,7 @@ def _time_windows(call, state, data, feed, spec, window_steps: int, windows: int
     timer.start()
     losses = []
     for _ in range(calls):
-      state, call_losses = call(state, data, feed(step))
+      state, call_losses, _ = call(state, data, feed(step))
       losses.append(call_losses)
       step += k
       feed.prefetch(step)
@@ -257,7 +257,7 @@ def run_decompose(config: ml_collections.ConfigDict, workdir: str,
       one = dataclasses.replace(spec, steps_per_call=1)
       step_call = call if spec.steps_per_call == 1 else parallel.compile_train_call(
           workload, one, mesh, tx, parallel.abstract_state(workload, one, mesh, tx), data)
-      new_state, _ = step_call(_place(host_state, mesh), data,
+      new_state, _, _ = step_call(_place(host_state, mesh), data,
                                parallel.make_feed(workload, one)(0))
       after = jax.device_get(new_state.params)
       if ref_after is None:

@@ -185,11 +185,16 @@ def _batch_fn(workload: Workload, spec: TrialSpec, mesh: Mesh):
 
 def make_train_call(workload: Workload, spec: TrialSpec, mesh: Mesh,
                     tx: optax.GradientTransformation, traces: list[int]):
-  """The un-jitted train call: ``(state, data, feed) -> (state, losses[K])``.
+  """The un-jitted train call: ``(state, data, feed) -> (state, losses[K], eval_params)``.
 
   ``feed`` is ``(K, accum, micro)`` example indices for an embedded dataset, or
   ``(K, accum)`` integer keys for synthetic inputs (the call draws a pool of
   ``SYNTHETIC_POOL`` micro-batches from its first key; key % pool picks one).
+
+  ``eval_params`` is ``()`` unless the call spans several eval intervals
+  (``spec.evals_per_call`` E > 1): then it is the parameters after each of the E
+  intervals, stacked on a leading axis (the last equals the returned state's), for
+  the trial to evaluate after the call, outside the timed region.
   """
   prepare, get_batch = _batch_fn(workload, spec, mesh)
   grad_fn = jax.value_and_grad(workload.loss, has_aux=True)
@@ -210,10 +215,23 @@ def make_train_call(workload: Workload, spec: TrialSpec, mesh: Mesh,
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, loss_sum / count
 
+  evals = spec.evals_per_call
+
   def train_call(state: TrainState, data, feed):
     traces.append(1)
     prepared = prepare(data, feed, state.rng)
-    return jax.lax.scan(lambda s, f: train_step(s, prepared, f), state, feed)
+    steps = lambda s, f: jax.lax.scan(lambda s, f: train_step(s, prepared, f), s, f)
+    if evals == 1:
+      state, losses = steps(state, feed)
+      return state, losses, ()
+
+    def interval(s, f):
+      s, losses = steps(s, f)
+      return s, (losses, s.params)
+
+    per_interval = feed.reshape(evals, feed.shape[0] // evals, *feed.shape[1:])
+    state, (losses, params) = jax.lax.scan(interval, state, per_interval)
+    return state, losses.reshape(-1), params
 
   return train_call
 
@@ -240,7 +258,7 @@ def compile_train_call(workload: Workload, spec: TrialSpec, mesh: Mesh,
   repl = replicated(mesh)
   feed = jax.ShapeDtypeStruct(feed_shape(workload, spec), jnp.int32,
                               sharding=feed_sharding_for(workload, mesh))
-  return _aot(fn, (state, data, feed), (repl, repl, feed.sharding), (repl, repl), traces,
+  return _aot(fn, (state, data, feed), (repl, repl, feed.sharding), repl, traces,
               donate=(0,))
 
 
@@ -261,12 +279,16 @@ def flops_per_step(workload: Workload, spec: TrialSpec, mesh: Mesh,
   return None if flops is None else flops * spec.accum_steps
 
 
-def compile_eval_call(workload: Workload, mesh: Mesh, params, eval_data) -> CompiledCall:
-  """Compiles ``(params, (x, y, mask)) -> {metric: sum}`` over all eval chunks."""
+def compile_eval_call(workload: Workload, mesh: Mesh, params, eval_data,
+                      evals_per_call: int = 1) -> CompiledCall:
+  """Compiles ``(params, (x, y, mask)) -> {metric: sum}`` over all eval chunks.
+
+  With ``evals_per_call`` E > 1 the call takes a train call's stacked eval
+  parameters (a leading axis of E) and returns each metric's E sums.
+  """
   traces: list[int] = []
 
-  def eval_call(params, eval_data):
-    traces.append(1)
+  def eval_one(params, eval_data):
     def chunk(total, xym):
       sums = workload.eval_sums(params, *xym)
       return jax.tree.map(jnp.add, total, sums), None
@@ -274,7 +296,16 @@ def compile_eval_call(workload: Workload, mesh: Mesh, params, eval_data) -> Comp
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
     return jax.lax.scan(chunk, zeros, eval_data)[0]
 
+  def eval_call(params, eval_data):
+    traces.append(1)
+    if evals_per_call == 1:
+      return eval_one(params, eval_data)
+    return jax.lax.map(lambda p: eval_one(p, eval_data), params)
+
   repl = replicated(mesh)
+  if evals_per_call > 1:
+    params = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct((evals_per_call, *jnp.shape(a)), a.dtype), params)
   return _aot(eval_call, (params, eval_data), (repl, eval_data[0].sharding), repl, traces)
 
 

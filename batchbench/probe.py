@@ -383,7 +383,7 @@ def measure_device_peak(spec: TrialSpec, mesh, calls: int = 3,
   call = parallel.compile_train_call(workload, spec, mesh, tx, state, data)
   feed = parallel.make_feed(workload, spec)
   for i in range(calls):
-    state, losses = call(state, data, feed(i * spec.steps_per_call))
+    state, losses, _ = call(state, data, feed(i * spec.steps_per_call))
   jax.block_until_ready((state, losses))
   peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in mesh.devices.flat]
   peaks = [int(p) for p in peaks if p is not None]

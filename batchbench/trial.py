@@ -131,7 +131,8 @@ def _run_trial(spec: TrialSpec, mesh, clock: Callable[[], float], log: Callable[
     flops = parallel.flops_per_step(workload, spec, mesh, tx, state, data)
   with ledger.measure("compile"):
     train_call = parallel.compile_train_call(workload, spec, mesh, tx, state, data)
-    eval_call = (parallel.compile_eval_call(workload, mesh, state.params, eval_data)
+    eval_call = (parallel.compile_eval_call(workload, mesh, state.params, eval_data,
+                                            spec.evals_per_call)
                  if eval_data is not None else None)
   compile_s = train_call.compile_s + (eval_call.compile_s if eval_call else 0.0)
   peak = train_call.memory.get("peak_bytes")
@@ -174,15 +175,25 @@ def _run_trial(spec: TrialSpec, mesh, clock: Callable[[], float], log: Callable[
   drop_window = resume  # the first window after a restore is a warm-up, like the first
   last_log = clock()
 
-  def evaluate() -> bool:
-    """Evaluates at ``step``; True when this is the first eval that meets the target."""
+  def evaluate(points: list[tuple[int, float]], params) -> tuple[int, float] | None:
+    """Evaluates ``params`` at eval ``points`` ((step, train seconds) each).
+
+    ``params`` are the state's (one point) or the call's stacked eval parameters
+    (one per point). Returns the first point that meets the target, if it is the
+    trial's first; evaluation stops there.
+    """
     with ledger.measure("eval"):
-      sums = jax.device_get(eval_call(state.params, eval_data))
-    count = float(sums.pop("count"))
-    metrics = {name: float(v) / count for name, v in sums.items()}
-    history.append({"examples": step * spec.global_batch, "step": step,
-                    "train_s": ledger.seconds["train"], "metrics": metrics})
-    return bool(spec.target and not to_target and spec.target.met(metrics[spec.target.metric]))
+      sums = jax.device_get(eval_call(params, eval_data))
+    if spec.evals_per_call == 1:  # one point, unstacked parameters
+      sums = jax.tree.map(lambda v: np.asarray(v)[None], sums)
+    for i, (at_step, train_s) in enumerate(points):
+      count = float(sums["count"][i])
+      metrics = {name: float(v[i]) / count for name, v in sums.items() if name != "count"}
+      history.append({"examples": at_step * spec.global_batch, "step": at_step,
+                      "train_s": train_s, "metrics": metrics})
+      if spec.target and not to_target and spec.target.met(metrics[spec.target.metric]):
+        return at_step, train_s
+    return None
 
   def save_checkpoint() -> None:
     # Everything the loop needs to continue bit-identically besides the train state.
@@ -208,13 +219,15 @@ def _run_trial(spec: TrialSpec, mesh, clock: Callable[[], float], log: Callable[
     if next_save:
       window_end = min(window_end, next_save)
     preempted = False
+    eval_params = []  # per call, its stacked eval parameters (several evals per call)
     timer.start()
     train_start = clock()
     while step < window_end:
       with ledger.measure("input_wait"):
         call_feed = feed(step)
-      state, call_losses = train_call(state, data, call_feed)
+      state, call_losses, call_eval_params = train_call(state, data, call_feed)
       losses.append(call_losses)
+      eval_params.append(call_eval_params)
       step += k
       if not spec.max_steps or step < spec.max_steps:
         feed.prefetch(step)  # while the device runs the call just dispatched
@@ -226,7 +239,11 @@ def _run_trial(spec: TrialSpec, mesh, clock: Callable[[], float], log: Callable[
     timer.stop(steps * spec.global_batch, steps)
     window = timer.windows.pop() if drop_window else timer.windows[-1]
     drop_window = False
-    ledger.add("train", clock() - train_start)
+    window_train_s = clock() - train_start
+    ledger.add("train", window_train_s)
+    # Train seconds when step s of this window was done (steps take equal time).
+    train_s_at = lambda s: (ledger.seconds["train"]
+                            - window_train_s * (step - s) / max(1, step - window_start_step))
 
     window_losses = np.concatenate([np.asarray(x) for x in jax.device_get(losses)])
     last_loss = float(window_losses[-1])
@@ -235,8 +252,20 @@ def _run_trial(spec: TrialSpec, mesh, clock: Callable[[], float], log: Callable[
       diverged_step = window_start_step + int(bad[0]) + 1
       status = "diverged"
       break
-    if eval_call is not None and step % eval_every == 0 and evaluate():
-      to_target = _to_target_fields(spec, step, ledger, clock() - trial_start)
+    hit = None
+    if eval_call is not None and spec.evals_per_call > 1:
+      for c, params in enumerate(eval_params):
+        ends = [window_start_step + c * k + (j + 1) * eval_every
+                for j in range(spec.evals_per_call)]
+        hit = evaluate([(s, train_s_at(s)) for s in ends], params)
+        if hit:
+          break
+    elif eval_call is not None and step % eval_every == 0:
+      hit = evaluate([(step, ledger.seconds["train"])], state.params)
+    if hit:
+      at_step, train_s = hit
+      to_target = _to_target_fields(spec, at_step, train_s,
+                                    clock() - trial_start - (ledger.seconds["train"] - train_s))
       status = "ok"
       break
     if spec.max_steps and step >= spec.max_steps:
@@ -264,8 +293,9 @@ def _run_trial(spec: TrialSpec, mesh, clock: Callable[[], float], log: Callable[
 
   final_eval_missing = not history or history[-1]["step"] != step
   # The budget ended between evals: this eval counts toward the target too.
-  if eval_call is not None and status != "diverged" and final_eval_missing and evaluate():
-    to_target = _to_target_fields(spec, step, ledger, clock() - trial_start)
+  if (eval_call is not None and status != "diverged" and not to_target and final_eval_missing
+      and evaluate([(step, ledger.seconds["train"])], state.params)):
+    to_target = _to_target_fields(spec, step, ledger.seconds["train"], clock() - trial_start)
     status = "ok"
   if ckpt is not None and saved_step != step:  # the end: a killed sweep need not redo it
     save_checkpoint()
@@ -340,12 +370,12 @@ def make_row(spec: TrialSpec, *, status: str, ledger: TimeLedger | None = None,
   return row
 
 
-def _to_target_fields(spec: TrialSpec, step: int, ledger: TimeLedger,
+def _to_target_fields(spec: TrialSpec, step: int, train_s: float,
                       wall: float) -> dict[str, Any]:
   examples = step * spec.global_batch
   return {"steps_to_target": step, "examples_to_target": examples,
           "epochs_to_target": examples / spec.train_size if spec.train_size else None,
-          "time_to_target_s": ledger.seconds["train"], "time_to_target_wall_s": wall}
+          "time_to_target_s": train_s, "time_to_target_wall_s": wall}
 
 
 def _log_summary(row: dict[str, Any], log: Callable[[str], None]) -> None:

@@ -34,16 +34,18 @@ def test_every_config_file_resolves(name):
   spec = resolve(load_config(name), 8)
   assert spec.num_devices == 8 and spec.per_device_batch * 8 == spec.global_batch
   assert spec.max_steps is None or spec.max_steps % spec.steps_per_call == 0
-  if spec.eval_every_steps:
-    assert spec.eval_every_steps % spec.steps_per_call == 0
+  if spec.eval_every_steps:  # evals at call boundaries, or at fixed points inside a call
+    every, k = spec.eval_every_steps, spec.steps_per_call
+    assert every % k == 0 or (k % every == 0 and spec.evals_per_call == k // every > 1)
 
 
 def test_digits_default_spec():
   spec = resolve(load_config("digits_mlp"), 8)
   assert (spec.global_batch, spec.per_device_batch, spec.accum_steps) == (32, 4, 1)
-  assert spec.eval_every_steps == 8 and spec.steps_per_call == 8
-  # 100 epochs = 143,700 examples = 4,491 steps, rounded up to whole 8-step calls.
-  assert spec.max_steps == 4496
+  # Evals every 8 steps; a 64-step call spans 8 of them (evaluated after the call).
+  assert spec.eval_every_steps == 8 and spec.steps_per_call == 64 and spec.evals_per_call == 8
+  # 100 epochs = 143,700 examples = 4,491 steps, rounded up to whole 64-step calls.
+  assert spec.max_steps == 4544
   assert spec.lr == pytest.approx(0.05) and spec.warmup_steps == 0
   assert spec.target == Target("accuracy", 0.96, "max")
   assert spec.train_size == 1437 and spec.steps_per_epoch == 44
@@ -56,6 +58,40 @@ def test_resolved_lr_follows_the_rule(rule, batch, mult, lr):
   spec = resolve(digits(lr_rule=rule, global_batch=batch, lr_multiplier=mult), 8)
   assert spec.lr == pytest.approx(lr, rel=1e-12)
   assert (spec.base_lr, spec.reference_batch, spec.lr_rule) == (0.05, 32, rule)
+
+
+@pytest.mark.parametrize("batch, every, k, evals", [
+    (1024, 256, 16, 16),  # an eval every step: 16 steps per call, each evaluated
+    (64, 256, 64, 16),  # every 4 steps: a 64-step call spans 16 eval intervals
+    (32, 256, 64, 8),
+    (8, 8192, 64, 1),  # every 1,024 steps: calls of 64 divide the interval
+])
+def test_auto_steps_per_call_spans_short_eval_intervals(batch, every, k, evals):
+  spec = resolve(digits(global_batch=batch, eval_every_examples=every), 8)
+  assert (spec.steps_per_call, spec.evals_per_call) == (k, evals)
+  assert spec.max_steps % spec.steps_per_call == 0
+
+
+def test_evals_per_call_respect_the_snapshot_budget_and_max_steps(monkeypatch):
+  # digits_mlp has 85,002 float32 parameters (340,008 bytes): a 1 MB budget holds 2 copies.
+  monkeypatch.setattr(config_lib, "MAX_EVAL_SNAPSHOT_BYTES", 1_000_000)
+  spec = resolve(digits(global_batch=1024, eval_every_examples=256), 8)
+  assert (spec.steps_per_call, spec.evals_per_call) == (2, 2)
+  monkeypatch.setattr(config_lib, "MAX_EVAL_SNAPSHOT_BYTES", 100)  # not even one copy
+  spec = resolve(digits(global_batch=1024, eval_every_examples=256), 8)
+  assert (spec.steps_per_call, spec.evals_per_call) == (1, 1)
+  monkeypatch.undo()
+  # A max_steps budget must still end on a call boundary: 20 = 10 evals of 2 steps.
+  spec = resolve(digits(global_batch=128, eval_every_examples=256, max_examples=None,
+                        max_steps=20), 8)
+  assert (spec.steps_per_call, spec.evals_per_call, spec.max_steps) == (20, 10, 20)
+
+
+def test_explicit_steps_per_call_may_span_eval_intervals():
+  spec = resolve(digits(global_batch=256, eval_every_examples=512, steps_per_call=8), 8)
+  assert (spec.eval_every_steps, spec.evals_per_call) == (2, 4)
+  with pytest.raises(ConfigError, match=r"steps_per_call=3: must divide the eval interval"):
+    resolve(digits(global_batch=256, eval_every_examples=512, steps_per_call=3), 8)
 
 
 def test_devices_and_accumulation():

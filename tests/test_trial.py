@@ -85,7 +85,7 @@ def _one_train_call(c):
   feeder = device_data.EpochIndexFeeder(spec.train_size, spec.global_batch, spec.accum_steps,
                                         spec.steps_per_call, spec.seed)
   feed = jax.device_put(feeder.call_indices(0), parallel.feed_sharding_for(workload, mesh))
-  state, losses = call(state, data, feed)
+  state, losses, _ = call(state, data, feed)
   return initial, jax.device_get(state.params), np.asarray(losses), spec
 
 
@@ -142,20 +142,65 @@ def test_digits_reaches_target_within_default_budget(digits_default_row):
   row = digits_default_row
   assert row["status"] == "ok"
   assert row["target"] == {"metric": "accuracy", "value": 0.96, "direction": "max"}
-  assert row["steps_to_target"] is not None and row["steps_to_target"] == row["steps"]
+  # Evals every 8 steps, 64 steps per call: the trial stops after the call in which an
+  # eval first met the target.
+  assert row["steps_to_target"] is not None and row["steps_to_target"] % 8 == 0
+  assert row["steps"] % 64 == 0 and 0 <= row["steps"] - row["steps_to_target"] < 64
   assert row["examples_to_target"] == row["steps_to_target"] * 32
   assert row["epochs_to_target"] == pytest.approx(row["examples_to_target"] / 1437)
   assert row["final_eval"]["accuracy"] >= 0.96
   assert row["eval_history"][-1]["metrics"] == row["final_eval"]
+  assert row["eval_history"][-1]["step"] == row["steps_to_target"]
   assert all(h["metrics"]["accuracy"] < 0.96 for h in row["eval_history"][:-1])
-  assert row["steps"] <= 100 * 1437 // 32 + 8
+  assert [h["step"] for h in row["eval_history"]] == list(range(8, row["steps_to_target"] + 1, 8))
+  assert row["steps"] <= 100 * 1437 // 32 + 64
   ledger = row["time_ledger"]
-  assert row["time_to_target_s"] == ledger["train"] > 0
+  # Within its call, the target step's train time is interpolated (equal step times).
+  assert 0 < row["time_to_target_s"] <= ledger["train"]
+  assert row["time_to_target_s"] == row["eval_history"][-1]["train_s"]
+  train_s = [h["train_s"] for h in row["eval_history"]]
+  assert train_s == sorted(train_s)
   assert row["time_to_target_wall_s"] >= row["time_to_target_s"]
-  assert row["time_to_target_wall_s"] >= ledger["compile"] + ledger["train"] + ledger["eval"]
+  assert (row["time_to_target_wall_s"]
+          >= ledger["compile"] + row["time_to_target_s"] + ledger["eval"] - 1e-9)
   assert row["wall_s"] >= row["time_to_target_wall_s"]
   assert row["samples_per_sec"] > 0 and row["compile_s"] > 0
   assert row["memory"]["peak_bytes"] > 0 and row["flops_per_step"] > 0
+
+
+def _digits_trial(**overrides):
+  c = load_config("digits_mlp")
+  c.num_devices = 1
+  for key, value in overrides.items():
+    c[key] = value
+  spec = config_lib.resolve(c, num_available_devices=8)
+  return spec, trial.run_trial(spec, log=None)
+
+
+@pytest.mark.parametrize("target", [None, 0.5])
+def test_evals_inside_a_call_match_evals_between_calls(target):
+  """Several evals per call (params returned for each) == one step per call, eval after each."""
+  common = dict(global_batch=256, eval_every_examples=256, max_examples=None, max_steps=32,
+                target_metric=config_lib.NO_TARGET if target is None else "accuracy",
+                target_value=target)
+  fused_spec, fused = _digits_trial(**common)
+  step_spec, stepwise = _digits_trial(**common, steps_per_call=1)
+  assert (fused_spec.steps_per_call, fused_spec.evals_per_call) == (16, 16)
+  assert (step_spec.steps_per_call, step_spec.evals_per_call) == (1, 1)
+  assert fused["traces"] == stepwise["traces"] == {"train": 1, "eval": 1}
+  steps = [h["step"] for h in stepwise["eval_history"]]
+  assert [h["step"] for h in fused["eval_history"]] == steps
+  for a, b in zip(fused["eval_history"], stepwise["eval_history"], strict=True):
+    for name, value in b["metrics"].items():
+      assert a["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-6)
+  assert fused["steps_to_target"] == stepwise["steps_to_target"]
+  if target is None:
+    assert steps == list(range(1, 33)) and fused["steps"] == stepwise["steps"] == 32
+    assert fused["final_train_loss"] == pytest.approx(stepwise["final_train_loss"], rel=1e-5)
+  else:
+    assert 1 <= stepwise["steps_to_target"] < 16  # reached inside the first call
+    assert stepwise["steps"] == stepwise["steps_to_target"]
+    assert fused["steps"] == 16  # the call that reached it runs to its end
 
 
 def test_step_is_traced_and_compiled_once_per_trial(digits_default_row):
@@ -184,7 +229,7 @@ def test_train_call_never_retraces():
   feeder = device_data.EpochIndexFeeder(spec.train_size, 64, 1, 2, spec.seed)
   sharding = parallel.feed_sharding_for(workload, mesh)
   for first in range(0, 8, 2):
-    state, _ = step(state, data, jax.device_put(feeder.call_indices(first), sharding))
+    state, _, _ = step(state, data, jax.device_put(feeder.call_indices(first), sharding))
   assert int(state.step) == 8
   assert len(traces) == 1
   # The guard is live: a feed of another shape retraces, and chex says so.
