@@ -4,8 +4,9 @@ The loop, per timing window: build the next call's inputs on the host, dispatch
 compiled train calls (each ``steps_per_call`` steps), and close the window with
 ``jax.block_until_ready``; then check the losses for divergence and, on an eval
 boundary, evaluate and check the target. Evals and budgets fall on call
-boundaries. Every second goes to a ledger bucket (setup, compile, train, eval,
-checkpoint).
+boundaries; a call that spans several eval intervals (``spec.evals_per_call``)
+returns the parameters at each, and they are evaluated after it, in order. Every
+second goes to a ledger bucket (setup, compile, train, eval, checkpoint).
 
 With a trial directory the loop checkpoints (``batchbench.checkpoint``) every
 ``checkpoint_every_examples`` at the next call boundary, on SIGTERM, and at the
