@@ -292,3 +292,19 @@ def test_save_snapshots_the_loop_state_before_the_loop_moves_on(tmp_path):
   assert restored.state.rng.dtype == state.rng.dtype  # a typed key again, same impl
   assert np.array_equal(jax.random.key_data(restored.state.rng), jax.random.key_data(state.rng))
   assert restored.state.params["w"].sharding == replicated
+
+
+def test_resume_is_bit_identical_when_calls_span_several_evals(tmp_path):
+  # Evals every 2 steps, 16 steps per call: each call returns 8 sets of eval parameters.
+  overrides = dict(steps_per_call=16, eval_every_examples=64)
+  assert small_spec(**overrides).evals_per_call == 8
+  reference = trial.run_trial(small_spec(**overrides), log=None)
+  assert reference["status"] == "ok" and reference["steps_to_target"] % 2 == 0
+  trial_dir = str(tmp_path / "trial")
+  with pytest.raises(Interrupt):
+    trial.run_trial(small_spec(**overrides), workdir=trial_dir, log=None,
+                    on_window=interrupt_at(32))
+  assert checkpoint.committed_steps(os.path.join(trial_dir, checkpoint.CHECKPOINT_DIR))[-1] == 32
+  row = trial.run_trial(small_spec(**overrides), workdir=trial_dir, log=None)
+  assert_same_result(row, reference)
+  assert row["resumes"] == 1 and row["notes"] == ["resumed from step 32"]
