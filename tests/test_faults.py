@@ -213,7 +213,8 @@ def test_multiprocess_preemption_stops_every_process_at_the_same_call(tmp_path):
 SWEEP_FLAGS = ["--config=configs/digits_mlp.py", "--config.sweep.global_batches=(32,64)",
                "--config.sweep.lr_multipliers=(1.0,)", "--config.workload_options.hidden=(64,)",
                "--config.num_devices=2", "--config.target_value=0.95",
-               "--config.checkpoint_every_examples=128", "--quiet"]
+               "--config.checkpoint_every_examples=128", "--config.steps_per_call=8",
+               "--quiet"]  # 8-step calls: a checkpoint every call, so kills land mid-trial
 
 
 def _sweep_reference():
@@ -227,6 +228,7 @@ def _sweep_reference():
   config.sweep.global_batches, config.sweep.lr_multipliers = (32, 64), (1.0,)
   config.workload_options.hidden, config.num_devices = (64,), 2
   config.target_value, config.checkpoint_every_examples = 0.95, 128
+  config.steps_per_call = 8
   specs = sweep.expand(config, jax.local_device_count())
   return {s.trial_id: trial.run_trial(s, log=None) for s in specs}
 
