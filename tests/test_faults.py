@@ -353,7 +353,8 @@ def test_sigterm_under_process_isolation_is_forwarded_and_the_sweep_resumes(tmp_
          "--config=configs/digits_mlp.py", f"--workdir={workdir}",
          "--config.sweep.global_batches=(32,64)", "--config.sweep.lr_multipliers=(1.0,)",
          "--config.workload_options.hidden=(64,)", "--config.num_devices=2",
-         "--config.target_value=0.95", "--config.checkpoint_every_examples=128"]
+         "--config.target_value=0.95", "--config.checkpoint_every_examples=128",
+         "--config.steps_per_call=8"]
   proc = _popen(cmd, tmp_path / "sweep1")
   assert _wait_for(lambda: _checkpoint_entries(workdir)[0] >= 1, proc)
   proc.send_signal(signal.SIGTERM)
