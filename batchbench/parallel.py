@@ -383,8 +383,8 @@ def make_feed(workload: Workload, spec: TrialSpec) -> LookaheadFeed:
   k, accum = spec.steps_per_call, spec.accum_steps
   if workload.synthetic:
     def keys(first_step: int) -> np.ndarray:
-      keys = np.arange(first_step * accum, (first_step + k) * accum, dtype=np.int64)
-      return (keys.reshape(k, accum) % (2**31 - 1)).astype(np.int32)
+      flat = np.arange(first_step * accum, (first_step + k) * accum, dtype=np.int64)
+      return (flat.reshape(k, accum) % (2**31 - 1)).astype(np.int32)
     return LookaheadFeed(keys)
   return LookaheadFeed(
       EpochIndexFeeder(spec.train_size, spec.global_batch, accum, k, spec.seed).call_indices)
