@@ -1,19 +1,23 @@
 """The ``batchbench`` command: an absl app with subcommands. The only reader of flags.
 
-  batchbench trial  --config=configs/digits_mlp.py --workdir=/tmp/bb
-  batchbench sweep  --config=configs/digits_mlp.py --workdir=/tmp/sweep
-  batchbench report --workdir=/tmp/sweep
-  batchbench probe  --config=configs/synthetic_cnn.py --workdir=/tmp/probe --memory_budget=2GiB
+  batchbench trial     --config=configs/digits_mlp.py --workdir=/tmp/bb
+  batchbench sweep     --config=configs/digits_mlp.py --workdir=/tmp/sweep
+  batchbench report    --workdir=/tmp/sweep
+  batchbench probe     --config=configs/synthetic_cnn.py --workdir=/tmp/p --memory_budget=2GiB
   batchbench decompose --config=configs/mnist1d_mlp.py --global_batch=1024 --workdir=/tmp/dec
 
-Invalid input exits with status 2 and one message naming the field, the value and
-what is valid, before anything is created in the workdir.
+``batchbench --help`` lists the commands; ``batchbench COMMAND --help`` shows a
+command's flags, the config fields that matter to it, and an example. Invalid
+input exits with status 2 and one message naming the field, the value and what is
+valid, before anything is compiled or written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+from collections.abc import Callable
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -25,24 +29,72 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, reports 
 _QUIET = flags.DEFINE_bool("quiet", False, "Print only the final summary.")
 _ISOLATION = flags.DEFINE_enum(
     "isolation", "none", ["none", "process"],
-    "sweep: run trials in this process, or each in its own process (a native crash or "
-    "leaked device memory then ends only that trial).")
+    "Run trials in this process, or each in its own process (a native crash or leaked "
+    "device memory then ends only that trial).")
+_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", None,
+    "JAX persistent compilation cache directory. With --isolation=process it defaults to "
+    "<workdir>/xla_cache, so every trial of a batch loads the program the first compiled.")
+_MEMORY_BUDGET = flags.DEFINE_string(
+    "memory_budget", None,
+    "Per-device memory budget with a unit, e.g. 2GiB, 512MiB, 1.5GB. probe: the budget to "
+    "fit (default: the device memory the runtime reports, minus 10%); decompose: splits "
+    "over it are not run; trial, sweep: trials whose compiled peak exceeds it are recorded "
+    "oom without training.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 2**16, "The largest global batch to compile.")
+_GLOBAL_BATCH = flags.DEFINE_integer(
+    "global_batch", None, "The global batch to split (default: the config's).")
+_MODE = flags.DEFINE_string(
+    "mode", "train", "train (split --global_batch into per-device batch x devices x "
+    "accumulation steps) or inference (--total examples as batch size x batch count).")
+_TOTAL = flags.DEFINE_integer("total", None,
+                              "--mode=inference: examples to run through the forward pass.")
 
-COMMANDS: dict[str, tuple[str, object]] = {}
+Log = Callable[[str], None]
 
 
-def command(name: str, help_text: str):
+@dataclasses.dataclass(frozen=True)
+class Command:
+  name: str
+  summary: str
+  run: Callable[..., int]
+  flags: tuple[str, ...]
+  fields: tuple[str, ...]
+  example: str
+
+
+COMMANDS: dict[str, Command] = {}
+COMMON_FLAGS = ("config", "workdir", "quiet")
+
+
+def command(name: str, summary: str, *, flags_: tuple[str, ...] = (),
+            fields: tuple[str, ...] = (), example: str = ""):
   """Registers ``fn(config, workdir, log) -> exit status`` as a subcommand."""
   def wrap(fn):
-    COMMANDS[name] = (help_text, fn)
+    COMMANDS[name] = Command(name, summary, fn, flags_, fields, example)
     return fn
   return wrap
 
 
-def _usage() -> str:
-  lines = ["usage: batchbench COMMAND --config=PATH[:ARG] --workdir=DIR [--config.FIELD=VALUE]",
-           "", "commands:"]
-  lines += [f"  {name:10s} {text}" for name, (text, _) in COMMANDS.items()]
+def usage() -> str:
+  lines = ["usage: batchbench COMMAND --config=PATH[:ARG] --workdir=DIR "
+           "[--config.FIELD=VALUE ...] [flags]", "", "commands:"]
+  lines += [f"  {c.name:10s} {c.summary}" for c in COMMANDS.values()]
+  lines += ["", "batchbench COMMAND --help shows the command's flags, the config fields that "
+            "matter to it, and an example.", "Config files are in configs/; see README.md."]
+  return "\n".join(lines)
+
+
+def command_help(name: str) -> str:
+  c = COMMANDS[name]
+  lines = [f"batchbench {name}: {c.summary}", "", "flags:"]
+  for flag in (*COMMON_FLAGS, *c.flags):
+    lines.append(f"  --{flag}: {flags.FLAGS[flag].help}")
+  if c.fields:
+    lines += ["", "config fields that matter (override with --config.FIELD=VALUE):"]
+    lines += [f"  {f}" for f in c.fields]
+  if c.example:
+    lines += ["", "example:", f"  {c.example}"]
   return "\n".join(lines)
 
 
@@ -58,6 +110,12 @@ def _require_config(config):
   return config
 
 
+def _memory_budget_bytes() -> int | None:
+  from batchbench.fmt import parse_bytes  # pylint: disable=g-import-not-at-top
+  text = _MEMORY_BUDGET.value
+  return None if text is None else parse_bytes(text, "memory_budget")
+
+
 def _with_memory_budget(config):
   """``--memory_budget`` (e.g. 2GiB), when given, sets ``config.memory_budget_bytes``."""
   config = _require_config(config)
@@ -68,74 +126,117 @@ def _with_memory_budget(config):
 
 
 def _open_workdir(workdir: str | None, config) -> str:
-  """Checks, creates and stamps the workdir (run_meta.json) once the config is valid."""
+  """Creates and stamps the workdir (run_meta.json) once the config is valid."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from batchbench import config as config_lib, results  # pylint: disable=g-import-not-at-top
+  from batchbench.config import open_workdir  # pylint: disable=g-import-not-at-top
+  from batchbench.store import meta  # pylint: disable=g-import-not-at-top
 
-  workdir = config_lib.check_workdir(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = open_workdir(workdir)
   if jax.process_index() == 0:
-    results.write_run_meta(workdir, results.run_metadata(config))
+    meta.write_run_meta(workdir, meta.run_metadata(config))
   return workdir
 
 
-@command("trial", "run one training trial at the config's global_batch")
+def _use_compilation_cache(default: str | None = None) -> str | None:
+  directory = _CACHE_DIR.value or default
+  if directory:
+    from batchbench.runs.worker import use_compilation_cache  # pylint: disable=g-import-not-at-top
+    use_compilation_cache(directory)
+  return directory
+
+
+TRIAL_FIELDS = ("workload, workload_options", "global_batch, accum_steps, num_devices",
+                "optimizer, momentum, weight_decay", "base_lr, reference_batch, lr_rule, "
+                "lr_multiplier", "schedule, warmup_examples", "eval_every_examples",
+                "max_examples, max_steps, max_seconds", "target_metric, target_value", "seed",
+                "steps_per_call", "checkpoint_every_examples, fallback_to_previous_checkpoint",
+                "throughput.min_windows, throughput.min_seconds, throughput.warmup_calls")
+
+
+@command("trial", "one training run at the config's global_batch: its throughput point, "
+         "steps and time to target", flags_=("memory_budget", "compilation_cache_dir"),
+         fields=TRIAL_FIELDS,
+         example="batchbench trial --config=configs/digits_mlp.py --workdir=/tmp/bb "
+                 "--config.global_batch=128")
 def _trial(config, workdir, log) -> int:
   import jax  # pylint: disable=g-import-not-at-top
 
-  from batchbench import config as config_lib, results, sweep, trial  # pylint: disable=g-import-not-at-top
+  from batchbench.config import resolve  # pylint: disable=g-import-not-at-top
+  from batchbench.core.program import ProgramCache  # pylint: disable=g-import-not-at-top
+  from batchbench.runs import sweep, throughput, trial  # pylint: disable=g-import-not-at-top
+  from batchbench.store import results  # pylint: disable=g-import-not-at-top
 
-  spec = config_lib.resolve(_with_memory_budget(config), jax.local_device_count())
+  spec = resolve(_with_memory_budget(config), jax.local_device_count())
   workdir = _open_workdir(workdir, config)
-  row = trial.run_trial(spec, log=log, workdir=sweep.trial_dir(workdir, spec),
+  _use_compilation_cache()
+  cache = ProgramCache()
+  point = throughput.ensure_point(spec, workdir, cache=cache, log=log)
+  row = trial.run_trial(spec, log=log, workdir=sweep.trial_dir(workdir, spec), cache=cache,
+                        point=point,
                         fallback_to_previous_checkpoint=config.fallback_to_previous_checkpoint)
   if jax.process_index() == 0:
     results.append_row(workdir, row)
+  print(f"throughput: {throughput.format_rate(point)}, step {point['step_time_ms']:.3g} ms")
   print(f"result appended to {os.path.join(workdir, results.RESULTS_FILE)}")
   return 0
 
 
-@command("sweep", "run every trial of the config's sweep section, then write the report")
+@command("sweep", "every (global batch x LR multiplier x seed) of the config's sweep section, "
+         "each batch's throughput point, then the report",
+         flags_=("isolation", "memory_budget", "compilation_cache_dir"),
+         fields=("sweep.global_batches or sweep.batch_range", "sweep.lr_multipliers",
+                 "sweep.seeds", "sweep.lr_rule, sweep.reference_batch, "
+                 "sweep.warmup_examples, sweep.schedule", *TRIAL_FIELDS),
+         example="batchbench sweep --config=configs/digits_mlp.py --workdir=/tmp/sweep "
+                 "--config.sweep.seeds='(0,1)'")
 def _sweep(config, workdir, log) -> int:
   import jax  # pylint: disable=g-import-not-at-top
 
-  from batchbench import sweep  # pylint: disable=g-import-not-at-top
+  from batchbench.runs import sweep  # pylint: disable=g-import-not-at-top
 
   specs = sweep.expand(_with_memory_budget(config), jax.local_device_count())
   workdir = _open_workdir(workdir, config)
+  cache_dir = _CACHE_DIR.value
+  if _ISOLATION.value == "none":
+    _use_compilation_cache()
   options = sweep.RunOptions(
-      config_path=_config_path(),
+      config_path=_config_path(), compilation_cache_dir=cache_dir,
       fallback_to_previous_checkpoint=config.fallback_to_previous_checkpoint)
   summary = sweep.run_sweep(specs, workdir, isolation=_ISOLATION.value, log=log,
                             options=options)
   counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["statuses"].items())) or "none"
-  print(f"sweep: {summary['ran']} trial(s) run ({counts}), {summary['skipped']} already done")
+  print(f"sweep: {summary['ran']} trial(s) run ({counts}), {summary['skipped']} already done, "
+        f"{summary['points']} throughput point(s)")
   return _write_report(workdir)
 
 
 def _write_report(workdir: str) -> int:
-  from batchbench import report, results  # pylint: disable=g-import-not-at-top
+  from batchbench.report import render, tables  # pylint: disable=g-import-not-at-top
 
-  rows = results.read_results(workdir)
-  paths = report.write_report(workdir, rows)
-  print(report.format_table(rows))
-  print(report.recommend(rows)["text"])
-  print(f"report: {paths.get('report.html') or os.path.join(workdir, 'report')} "
+  out = render.write_report(workdir)
+  print(tables.console_table(out["best"]))
+  print(out["recommendation"]["text"])
+  for warning in out["recommendation"]["warnings"]:
+    print(f"  warning: {warning}")
+  print(f"report: {out['paths'].get('report.html') or os.path.join(workdir, 'report')} "
         "(also report.md, summary.csv and the plots beside it)")
   return 0
 
 
-@command("report", "render the tables, plots and recommendation of a workdir's results")
+@command("report", "render the tables, plots and recommendation of a workdir's results",
+         example="batchbench report --workdir=/tmp/sweep")
 def _report(config, workdir, log) -> int:
-  from batchbench import config as config_lib, results  # pylint: disable=g-import-not-at-top
   del config, log
   from batchbench.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from batchbench.store import results  # pylint: disable=g-import-not-at-top
 
-  workdir = config_lib.check_workdir(workdir)
+  if not workdir:
+    raise ConfigError("workdir", workdir, "give the workdir of a sweep")
   if not os.path.exists(os.path.join(workdir, results.RESULTS_FILE)):
-    raise ConfigError("workdir", workdir, f"has no {results.RESULTS_FILE}; run a sweep there first")
-  return _write_report(workdir)
+    raise ConfigError("workdir", workdir, f"has no {results.RESULTS_FILE}; run a sweep there "
+                      "first")
+  return _write_report(os.path.abspath(workdir))
 
 
 def _config_path() -> str | None:
@@ -145,59 +246,42 @@ def _config_path() -> str | None:
   return os.path.abspath(path) if path and os.path.exists(path) else None
 
 
-# ----------------------------------------------------- probe and decompose (issue 5)
-_MEMORY_BUDGET = flags.DEFINE_string(
-    "memory_budget", None,
-    "per-device memory budget with a unit, e.g. 2GiB, 512MiB, 1.5GB. probe: the budget to "
-    "fit (default: the device memory the runtime reports, minus 10%); decompose: splits "
-    "over it are not run; trial, sweep: sets config.memory_budget_bytes (trials whose "
-    "compiled peak exceeds it are recorded oom without training).")
-_MAX_BATCH = flags.DEFINE_integer("max_batch", 2**16,
-                                  "probe: the largest global batch to compile.")
-_GLOBAL_BATCH = flags.DEFINE_integer(
-    "global_batch", None, "decompose: the global batch to split (default: the config's).")
-_MODE = flags.DEFINE_string(
-    "mode", "train", "decompose: train (split --global_batch into per-device batch x devices "
-    "x accumulation steps) or inference (--total examples as batch size x batch count).")
-_TOTAL = flags.DEFINE_integer(
-    "total", None, "decompose --mode=inference: examples to run through the forward pass.")
-
-
-def _memory_budget_bytes() -> int | None:
-  from batchbench import probe  # pylint: disable=g-import-not-at-top
-
-  text = _MEMORY_BUDGET.value
-  return None if text is None else probe.parse_bytes(text, "memory_budget")
-
-
 @command("probe", "compile the train step at growing batches (no training): the largest "
-                  "global batch that fits a memory budget")
+         "global batch that fits a memory budget", flags_=("memory_budget", "max_batch"),
+         fields=("workload, workload_options", "accum_steps, num_devices", "optimizer",
+                 "memory_budget_bytes"),
+         example="batchbench probe --config=configs/synthetic_cnn.py --workdir=/tmp/probe "
+                 "--memory_budget=2GiB")
 def _probe(config, workdir, log) -> int:
-  from batchbench import config as config_lib, probe  # pylint: disable=g-import-not-at-top
+  from batchbench import fmt  # pylint: disable=g-import-not-at-top
+  from batchbench.runs import probe  # pylint: disable=g-import-not-at-top
 
   config = _require_config(config)
-  budget = _memory_budget_bytes()
-  workdir = config_lib.check_workdir(workdir)
-  result = probe.run_probe(config, workdir, memory_budget_bytes=budget,
+  result = probe.run_probe(config, workdir, memory_budget_bytes=_memory_budget_bytes(),
                            max_batch=_MAX_BATCH.value, log=log)
   answer = result["answer"]
-  print(f"probe: largest global batch within {probe.format_bytes(result['budget_bytes'])} "
+  print(f"probe: largest global batch within {fmt.format_bytes(result['budget_bytes'])} "
         f"per device: {answer['global_batch']:,} (limited by {answer['limited_by']}); "
-        f"files in {os.path.join(workdir, probe.PROBE_DIR)}")
+        f"files in {os.path.join(os.path.abspath(workdir), probe.PROBE_DIR)}")
   return 0
 
 
 @command("decompose", "time every split of --global_batch into per-device batch x devices x "
-                      "accumulation steps; or --mode=inference --total=N")
+         "accumulation steps and check their updates agree; or --mode=inference --total=N",
+         flags_=("global_batch", "mode", "total", "memory_budget"),
+         fields=("workload, workload_options", "num_devices (the largest degree tried)",
+                 "optimizer, base_lr, lr_rule", "seed",
+                 "throughput.min_windows, throughput.min_seconds"),
+         example="batchbench decompose --config=configs/mnist1d_mlp.py --global_batch=256 "
+                 "--workdir=/tmp/dec")
 def _decompose(config, workdir, log) -> int:
-  from batchbench import config as config_lib, decompose  # pylint: disable=g-import-not-at-top
+  from batchbench.runs import decompose  # pylint: disable=g-import-not-at-top
 
   config = _require_config(config)
-  budget = _memory_budget_bytes()
-  workdir = config_lib.check_workdir(workdir)
   result = decompose.run(config, workdir, mode=_MODE.value, global_batch=_GLOBAL_BATCH.value,
-                         total=_TOTAL.value, memory_budget_bytes=budget, log=log)
-  where = os.path.join(workdir, decompose.DECOMPOSE_DIR)
+                         total=_TOTAL.value, memory_budget_bytes=_memory_budget_bytes(),
+                         log=log)
+  where = os.path.join(os.path.abspath(workdir), decompose.DECOMPOSE_DIR)
   if result["mode"] == "inference":
     print(f"decompose: {len(result['rows'])} batch size x count rows; files in {where}")
     return 0
@@ -217,29 +301,36 @@ def main(argv) -> int:
   args = argv[1:]
   if len(args) != 1 or args[0] not in COMMANDS:
     got = " ".join(args) or "nothing"
-    print(f"batchbench: error: expected one command, got {got}\n\n{_usage()}", file=sys.stderr)
+    print(f"batchbench: error: expected one command, got {got}\n\n{usage()}", file=sys.stderr)
     return 2
-  _, fn = COMMANDS[args[0]]
   log = (lambda _: None) if _QUIET.value else (lambda s: print(s, flush=True))
   if not flags.FLAGS["verbosity"].present:  # Orbax and JAX log INFO lines by the dozen
     logging.set_verbosity(logging.WARNING)
   try:
-    return fn(_CONFIG.value, _WORKDIR.value, log)
+    return COMMANDS[args[0]].run(_CONFIG.value, _WORKDIR.value, log)
   except ConfigError as e:
     return fail(str(e))
   except Exception as e:  # pylint: disable=broad-except
-    from batchbench import checkpoint, sweep  # pylint: disable=g-import-not-at-top
+    from batchbench.store import checkpoint  # pylint: disable=g-import-not-at-top
     if isinstance(e, checkpoint.Preempted):
       print(f"batchbench: {e}", file=sys.stderr)
       return checkpoint.PREEMPTED_EXIT_CODE
     if isinstance(e, checkpoint.CheckpointError):
       print(f"batchbench: error: {e}", file=sys.stderr)
-      return sweep.CHECKPOINT_ERROR_EXIT_CODE
+      return checkpoint.CHECKPOINT_ERROR_EXIT_CODE
     raise
 
 
 def _flag_error_message(error: Exception) -> str:
   """One line out of a flag-parsing error (ml_collections wraps tracebacks in them)."""
+  # ml_collections raises AttributeError(KeyError(message)); str(KeyError) quotes it.
+  while isinstance(error, (AttributeError, KeyError)) and error.args and isinstance(
+      error.args[0], (KeyError, AttributeError, str)):
+    inner = error.args[0]
+    if isinstance(inner, str):
+      error = ValueError(inner)
+      break
+    error = inner
   text = str(error).replace("\\n", "\n").replace("\\'", "'")
   lines = [line.strip() for line in text.splitlines()]
   for line in reversed(lines):
@@ -261,14 +352,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if _CONFIG.value is not None:
       _CONFIG.value.keys()  # a config file that failed to load raises only when read
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    prefix = "unknown --config field " if isinstance(e, (AttributeError, KeyError)) else ""
+    prefix = "unknown --config field: " if isinstance(e, (AttributeError, KeyError)) else ""
     print(f"batchbench: error: {prefix}{_flag_error_message(e)}", file=sys.stderr)
     sys.exit(2)
   return args
 
 
+HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort", "-?")
+
+
 def run() -> None:
   """Console-script entry point."""
+  argv = sys.argv
+  if len(argv) == 1 or any(a in HELP_FLAGS for a in argv[1:]):
+    names = [a for a in argv[1:] if a in COMMANDS]
+    print(command_help(names[0]) if names else usage())
+    sys.exit(0)
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
 
 

@@ -1,39 +1,33 @@
-"""Harness overhead: ``trial.run_trial`` against two minimal hand-written JAX loops.
+"""Harness overhead: the throughput phase against two minimal hand-written JAX loops.
 
-For each workload and global batch this times three loops on the same model,
-optimizer (SGD with momentum 0.9, constant LR), batch and window size, on one
-device:
+For each workload and global batch this times three training loops on the same
+model (the workload's own ``init`` and ``loss``), optimizer (SGD with momentum 0.9,
+constant LR), batch and window size, on one device:
 
-  harness     ``batchbench.trial.run_trial`` with no target; its reported
-              ``samples_per_sec`` (median over its timed windows).
+  harness     ``batchbench.runs.throughput.measure``: the throughput phase every
+              sweep point is measured with (pure train calls of K steps, the
+              workload's data gathered on device from the feed's indices).
   dispatched  one jitted step per Python call, batches pre-sliced on device.
-  fused       K steps per call, one ``lax.scan`` over a (K, B, ...) stack on device;
-              K is the largest divisor of the window up to 64, not the harness's
-              choice, so a poor automatic ``steps_per_call`` shows up here.
+  fused       K steps per call, one ``lax.scan`` over a (K, B, ...) stack on device,
+              with the harness's K.
 
-Every loop blocks once per timed window of W steps (W is the harness's own
-window, about ``trial.WINDOW_EXAMPLES`` examples) and discards its first window
-as warm-up. The loops are interleaved window by window: after each harness
-window, ``run_trial``'s ``on_window`` hook (which receives that window's timing)
-runs one dispatched and one fused window, outside the harness's timed region.
-The table shows, per (workload, batch), the medians over repeats and two ratios
-to the better hand loop: of the medians, and ``paired``, the median over all
+Every loop blocks once per window and discards warm-up work. The loops are
+interleaved window by window: the throughput phase calls its ``on_window`` hook
+after each timed window, outside its timed region, and the hook runs one
+dispatched and one fused window of the same number of steps (alternating which goes
+first). The table shows, per (workload, batch), the medians over repeats and two
+ratios to the better hand loop: of the medians, and ``paired``, the median over all
 windows of harness window i / hand window i run right after it. Pairing cancels
 load that changes between seconds on a shared machine, so ``paired`` is the
-verdict: it should be at least ``THRESHOLD`` at every batch. The benchmark
-reports and never asserts: the exit status is 0.
+verdict: it should be at least ``THRESHOLD`` at every batch. The benchmark reports
+and never asserts: the exit status is 0.
 
-  .venv/bin/python benchmarks/overhead.py            # default run, about 3-5 minutes
-  .venv/bin/python benchmarks/overhead.py --quick    # about a minute
+  .venv/bin/python benchmarks/overhead.py            # default run, about 3 minutes
+  .venv/bin/python benchmarks/overhead.py --quick    # digits and synthetic at 32, 1024
 
-What the comparison includes (see benchmarks/README.md):
-  * The hand loops read pre-made batches; the harness gathers each batch on device
-    from example indices it transfers per call (digits) or draws it with
-    ``jax.random`` inside the step (synthetic). Both costs count as overhead.
-  * The harness closes a timing window at each eval for an embedded dataset, so
-    for ``digits_mlp`` ``eval_every_examples`` is one window and the (untimed)
-    eval runs between windows. With evals pushed past the budget the whole run
-    would be one window and its "median" would include the warm-up.
+What counts as overhead, deliberately: the hand loops read ready-made batches; the
+harness gathers each digits batch on device from example indices it builds and
+transfers once per call, and draws synthetic batches on device once per call.
 """
 
 from __future__ import annotations
@@ -49,38 +43,27 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import jaxlib
 import numpy as np
 import optax
 
 from batchbench import config as bb_config
-from batchbench import trial
-from batchbench.timing import Window
+from batchbench.data.arrays import MASK
+from batchbench.measure.timing import Window
+from batchbench.runs import throughput
 from batchbench.workloads import get_workload
 
 THRESHOLD = 0.97
-LR = 0.01  # small and unscaled, so no batch diverges (a diverged trial stops early)
+LR = 0.01  # small and unscaled, so no batch diverges
 MOMENTUM = 0.9
 SEED = 0
 METHODS = ("harness", "dispatched", "fused")
-MAX_FUSED_STEPS = 64  # the hand-fused loop's K: the largest divisor of the window up to this
 BOOTSTRAP_RESAMPLES = 2000
+WINDOW_SECONDS = 0.25  # about this much work per timed window
 
 
-def window_steps_for(batch: int, window_examples: int) -> int:
-  """Steps per timed window: ``window_examples`` worth, at least one step."""
-  return max(1, window_examples // batch)
-
-
-def harness_spec(workload: str, batch: int, window_steps: int, windows: int
-                 ) -> bb_config.TrialSpec:
-  """A resolved trial with no target, LR unscaled, and ``windows`` + 1 windows.
-
-  For an embedded dataset the harness closes a window at each eval, so the eval
-  interval is set to one window; a synthetic workload's window is the harness's
-  own ``trial.WINDOW_EXAMPLES`` rule, which ``window_steps`` reproduces.
-  """
+def harness_spec(workload: str, batch: int, windows: int) -> bb_config.TrialSpec:
+  """A resolved trial whose throughput phase times ``windows`` windows of ~0.25 s."""
   c = bb_config.default_config()
   c.workload = workload
   c.global_batch = batch
@@ -89,140 +72,105 @@ def harness_spec(workload: str, batch: int, window_steps: int, windows: int
   c.momentum = MOMENTUM
   c.base_lr = LR
   c.lr_rule = "none"
-  c.schedule = "constant"
-  c.warmup_examples = 0
   c.target_metric = bb_config.NO_TARGET
-  c.eval_every_examples = window_steps * batch
-  c.max_steps = (windows + 1) * window_steps
+  c.max_steps = 1_000_000
   c.seed = SEED
+  c.throughput.min_windows = windows
+  c.throughput.min_seconds = windows * WINDOW_SECONDS
+  c.throughput.max_seconds = 4 * windows * WINDOW_SECONDS
   return bb_config.resolve(c, num_available_devices=1)
-
-
-def harness_window_steps(spec: bb_config.TrialSpec) -> int:
-  """Steps in one of the harness's timed windows (mirrors ``trial.run_trial``)."""
-  k = spec.steps_per_call
-  if spec.eval_every_steps:
-    calls = max(1, spec.eval_every_steps // k)
-  else:
-    calls = max(1, trial.WINDOW_EXAMPLES // (k * spec.global_batch))
-  return calls * k
 
 
 class HandLoops:
   """The two reference loops for one (workload, batch), compiled once, state on device."""
 
-  def __init__(self, workload_name: str, batch: int, fused_steps: int, window_steps: int,
-               device: jax.Device):
+  def __init__(self, workload_name: str, batch: int, fused_steps: int, device: jax.Device):
     workload = get_workload(workload_name)
     tx = optax.sgd(LR, momentum=MOMENTUM)
-    grad_fn = jax.value_and_grad(workload.loss, has_aux=True)
+    key = jax.random.key(SEED)
 
-    def step(params, opt_state, x, y):
-      mask = jnp.ones((x.shape[0],), jnp.float32)
-      (loss_sum, count), grads = grad_fn(params, x, y, mask)
-      grads = jax.tree.map(lambda g: g / count, grads)
+    def step(params, opt_state, batch):
+      def mean_loss(p):
+        out = workload.loss(p, {}, batch, key)
+        return out.loss_sum / out.count
+      loss, grads = jax.value_and_grad(mean_loss)(params)
       updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss_sum / count
+      return optax.apply_updates(params, updates), opt_state, loss
 
-    def fused(params, opt_state, xs, ys):
-      def body(carry, xy):
-        p, o, loss = step(*carry, *xy)
+    def fused(params, opt_state, stack):
+      def body(carry, batch):
+        p, o, loss = step(*carry, batch)
         return (p, o), loss
-      (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), (xs, ys))
+      (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), stack)
       return params, opt_state, losses
 
     k = fused_steps
     rng = np.random.default_rng(SEED)
     if workload.synthetic:
-      xs = rng.standard_normal((k, batch, *workload.input_shape), np.float32)
-      ys = rng.integers(0, workload.num_classes, (k, batch), dtype=np.int32)
+      stack = jax.device_get(workload.synthetic_batch(jax.random.key(SEED), k * batch))
+      stack = {n: np.asarray(a).reshape(k, batch, *a.shape[1:]) for n, a in stack.items()}
     else:
       data = workload.data()
       idx = rng.integers(0, data.num_train, (k, batch))
-      xs, ys = data.train_x[idx], data.train_y[idx]
-    self.xs, self.ys = jax.device_put((xs, ys), device)
-    self.batches = [jax.device_put((xs[i], ys[i]), device) for i in range(k)]
-
-    params = jax.device_put(workload.init(jax.random.key(SEED)), device)
+      stack = {n: a[idx] for n, a in data.train.items()}
+    stack[MASK] = np.ones((k, batch), np.float32)
+    self.stack = jax.device_put(stack, device)
+    self.batches = [jax.device_put({n: a[i] for n, a in stack.items()}, device)
+                    for i in range(k)]
+    params, _ = workload.init(jax.random.key(SEED), workload.batch_spec(1))
+    params = jax.device_put(params, device)
     opt_state = jax.device_put(tx.init(params), device)
     self.state = (params, opt_state)
     donate = (0, 1)
     self._step = jax.jit(step, donate_argnums=donate).lower(
-        params, opt_state, *self.batches[0]).compile()
+        params, opt_state, self.batches[0]).compile()
     self._fused = jax.jit(fused, donate_argnums=donate).lower(
-        params, opt_state, self.xs, self.ys).compile()
+        params, opt_state, self.stack).compile()
     self.k = k
     self.batch = batch
-    self.window_steps = window_steps
 
-  def dispatched_window(self, clock: Callable[[], float]) -> float:
-    """Seconds for one window of ``window_steps`` steps, one jitted step per call."""
+  def window_rate(self, method: str, steps: int, clock: Callable[[], float]) -> float:
+    """Samples/sec of one window of ``steps`` steps of ``method``."""
     params, opt_state = self.state
     start = clock()
-    for s in range(self.window_steps):
-      x, y = self.batches[s % self.k]
-      params, opt_state, loss = self._step(params, opt_state, x, y)
+    if method == "dispatched":
+      for s in range(steps):
+        params, opt_state, loss = self._step(params, opt_state, self.batches[s % self.k])
+    else:
+      for _ in range(steps // self.k):
+        params, opt_state, loss = self._fused(params, opt_state, self.stack)
     jax.block_until_ready((params, opt_state, loss))
     seconds = clock() - start
     self.state = (params, opt_state)
-    return seconds
-
-  def fused_window(self, clock: Callable[[], float]) -> float:
-    """Seconds for one window of ``window_steps`` steps, ``k`` steps per call."""
-    params, opt_state = self.state
-    start = clock()
-    for _ in range(self.window_steps // self.k):
-      params, opt_state, losses = self._fused(params, opt_state, self.xs, self.ys)
-    jax.block_until_ready((params, opt_state, losses))
-    seconds = clock() - start
-    self.state = (params, opt_state)
-    return seconds
-
-  def window_rate(self, method: str, clock: Callable[[], float]) -> float:
-    """Samples/sec of one window of ``method`` ("dispatched" or "fused")."""
-    window = self.dispatched_window if method == "dispatched" else self.fused_window
-    return self.window_steps * self.batch / window(clock)
+    return steps * self.batch / seconds
 
 
-def run_repeat(case: dict[str, Any], windows: int, clock: Callable[[], float]
-               ) -> dict[str, Any]:
+def run_repeat(case: dict[str, Any], clock: Callable[[], float]) -> dict[str, Any]:
   """One repeat of one case: every loop's samples/sec, window by window.
 
-  The hand loops run from ``run_trial``'s ``on_window`` hook, which it calls after
-  each timing window, outside the timed region, with that window's timing: harness
-  window i is followed by dispatched and fused window i (alternating which goes
-  first), so load on the machine hits the three alike and window i of each loop
-  can be compared with window i of the others. The first window of each loop is a
-  warm-up (dropped), as in the harness.
+  The hand loops run from the throughput phase's ``on_window`` hook, after each
+  timed window, outside the timed region: harness window i is followed by
+  dispatched and fused window i (alternating which goes first), so load on the
+  machine hits the three alike. Each hand loop's first window is a warm-up.
 
   Returns:
     ``{"windows": {loop: [samples/sec of timed window i]}, "harness_row": the
-    row's samples_per_sec}``.
+    point's samples_per_sec}``.
   """
   hand = case["hand"]
   rates: dict[str, list[float]] = {m: [] for m in METHODS}
+  for method in ("dispatched", "fused"):  # warm-up, not recorded
+    hand.window_rate(method, hand.k, clock)
 
-  def on_window(step: int, window: Window) -> None:
-    del step
+  def on_window(window: Window) -> None:
     rates["harness"].append(window.examples / window.seconds)
     first = len(rates["harness"]) % 2
     for method in (("dispatched", "fused") if first else ("fused", "dispatched")):
-      rates[method].append(hand.window_rate(method, clock))
+      rates[method].append(hand.window_rate(method, window.steps, clock))
 
-  row_rate = run_harness(case["spec"], windows, on_window=on_window)
-  return {"windows": {m: r[1:] for m, r in rates.items()}, "harness_row": row_rate}
-
-
-def run_harness(spec: bb_config.TrialSpec, expected_windows: int,
-                **kwargs: Any) -> float:
-  """``run_trial``'s samples/sec for ``spec``; NaN (with a warning) if it has none."""
-  row = trial.run_trial(spec, log=None, **kwargs)
-  if row["status"] != "ok" or row["timed_windows"] != expected_windows:
-    print(f"  warning: harness {spec.workload} B={spec.global_batch}: status "
-          f"{row['status']}, {row['timed_windows']} timed windows (expected "
-          f"{expected_windows})", file=sys.stderr)
-  rate = row["samples_per_sec"]
-  return float("nan") if rate is None else float(rate)
+  point = throughput.measure(case["spec"], clock=clock, on_window=on_window)
+  case["window"] = point["calls_per_window"] * point["steps_per_call"]
+  return {"windows": rates, "harness_row": point["samples_per_sec"]}
 
 
 def summarize(repeats: list[dict[str, Any]]) -> dict[str, Any]:
@@ -291,56 +239,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true",
-                 help="batches 32,1024; 2 repeats of 3 windows (under a minute)")
+                 help="batches 32,1024; 2 repeats of 5 windows (about a minute)")
   p.add_argument("--workloads", default="digits_mlp,synthetic_mlp",
                  help="comma-separated workload names")
   p.add_argument("--batches", default=None,
                  help="comma-separated global batches (default 32,256,1024)")
   p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5)")
   p.add_argument("--windows", type=int, default=None,
-                 help="timed windows per loop per repeat, after one warm-up (default 8)")
-  p.add_argument("--window-examples", type=int, default=trial.WINDOW_EXAMPLES,
-                 help="examples per timed window of an embedded dataset (its eval "
-                      "interval); a synthetic workload keeps the harness's own window "
-                      f"(default {trial.WINDOW_EXAMPLES})")
-  p.add_argument("--fused-steps", type=int, default=0,
-                 help="K of the hand-fused loop; 0 = the largest divisor of the window "
-                      f"up to {MAX_FUSED_STEPS}")
+                 help="timed windows per repeat (at least 3; default 8)")
   args = p.parse_args(argv)
   quick = args.quick
   args.batches = [int(b) for b in (args.batches or ("32,1024" if quick else "32,256,1024"))
                   .split(",")]
   args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
   args.repeats = args.repeats or (2 if quick else 5)
-  args.windows = args.windows or (3 if quick else 8)
+  args.windows = max(3, args.windows or (5 if quick else 8))
   return args
-
-
-def fused_steps_for(window_steps: int, cap: int = MAX_FUSED_STEPS) -> int:
-  """The hand-fused loop's K: the largest divisor of the window at most ``cap``."""
-  return max(d for d in range(1, min(window_steps, cap) + 1) if window_steps % d == 0)
-
-
-def matched_window(name: str, batch: int, window: int, windows: int
-                   ) -> tuple[int, bb_config.TrialSpec]:
-  """The window W and spec for which the harness's own window is W steps.
-
-  The harness rounds its window to whole calls, and its automatic steps per call
-  depends on the budget (``windows + 1`` windows), so W and the spec are iterated
-  to agreement (a few rounds at most). A synthetic workload's window is whole calls
-  of about ``trial.WINDOW_EXAMPLES``; starting from the automatic steps per call
-  keeps its budget a multiple of it, so the harness keeps its usual K.
-  """
-  if get_workload(name).synthetic:
-    window = max(window, min(bb_config.MAX_AUTO_STEPS_PER_CALL,
-                             bb_config.AUTO_EXAMPLES_PER_CALL // batch))
-  for _ in range(8):
-    spec = harness_spec(name, batch, window, windows)
-    if harness_window_steps(spec) == window:
-      return window, spec
-    window = harness_window_steps(spec)
-  raise RuntimeError(f"{name} B={batch}: no window agrees with the harness's; pass "
-                     "--window-examples")
 
 
 def build_cases(args: argparse.Namespace, device: jax.Device) -> list[dict[str, Any]]:
@@ -348,20 +262,15 @@ def build_cases(args: argparse.Namespace, device: jax.Device) -> list[dict[str, 
   cases = []
   for name in args.workloads:
     for batch in args.batches:
-      window, spec = matched_window(name, batch, window_steps_for(batch, args.window_examples),
-                                    args.windows)
-      k = args.fused_steps or fused_steps_for(window)
-      if window % k:
-        print(f"skipping {name} B={batch}: --fused-steps={k} does not divide the "
-              f"{window}-step window", file=sys.stderr)
-        continue
-      cases.append({"workload": name, "batch": batch, "window": window, "spec": spec,
-                    "hand": HandLoops(name, batch, k, window, device), "repeats": []})
+      spec = harness_spec(name, batch, args.windows)
+      hand = HandLoops(name, batch, spec.throughput_steps_per_call, device)
+      cases.append({"workload": name, "batch": batch, "window": None, "spec": spec,
+                    "hand": hand, "repeats": []})
   return cases
 
 
 def print_header(args: argparse.Namespace, env: dict[str, Any]) -> None:
-  print("batchbench harness overhead: trial.run_trial vs hand-written JAX loops")
+  print("batchbench harness overhead: the throughput phase vs hand-written JAX loops")
   print(f"  {env['date']}; Python {env['python']}, jax {env['jax']}, jaxlib {env['jaxlib']}")
   print(f"  device: {env['device_count']} x {env['device_kind']} ({env['backend']}); "
         f"{env['cpus']} CPUs ({env['usable_cpus']} usable), {env['machine']}; "
@@ -370,14 +279,12 @@ def print_header(args: argparse.Namespace, env: dict[str, Any]) -> None:
     print(f"  XLA_FLAGS={env['xla_flags']}")
   print(f"  model: the workload's own init and loss; SGD momentum {MOMENTUM}, constant LR "
         f"{LR}; 1 device")
-  print(f"  timing: each loop, each repeat: 1 warm-up + {args.windows} windows of W steps "
-        f"(~{args.window_examples} examples), one block_until_ready per window; "
-        f"{args.repeats} repeats; loops interleaved window by window (hand windows run "
-        "from run_trial's on_window hook, outside its timed region)")
-  print("  harness: run_trial's samples_per_sec (no target; digits: eval once per window, "
-        "outside the timed region)")
-  print("  dispatched: 1 jitted step per call; fused: K steps per lax.scan call; both read "
-        "batches already on device")
+  print(f"  timing: each repeat, the harness's throughput phase times {args.windows}+ "
+        f"windows of ~{WINDOW_SECONDS} s (after its warm-up calls), one block_until_ready "
+        f"per window; after each, one dispatched and one fused window of the same steps run "
+        f"(outside the harness's timed region); {args.repeats} repeats")
+  print("  dispatched: 1 jitted step per call; fused: K steps per lax.scan call (the "
+        "harness's K); both read batches already on device")
   print()
 
 
@@ -398,15 +305,16 @@ def print_table(cases: list[dict[str, Any]], env: dict[str, Any], seconds: float
       unsure.append(f"{case['workload']} B={case['batch']}")
     if worst is None or st["paired"] < worst[0]:
       worst = (st["paired"], case["workload"], case["batch"], st["ratio"])
-    ks = f"{case['spec'].steps_per_call}/{case['hand'].k}"
+    ks = f"{case['spec'].throughput_steps_per_call}/{case['hand'].k}"
     print(f"{case['workload']:<14} {case['batch']:>5} {case['window']:>5} {ks:>6}  "
           f"{med['harness']:>9,.0f} {med['dispatched']:>10,.0f} {med['fused']:>9,.0f}  "
           f"{st['ratio']:>5.3f} {st['range'][0]:.2f}-{st['range'][1]:.2f} {st['best']:>5.3f}  "
           f"{st['paired']:>6.3f} {st['paired_ci'][0]:.2f}-{st['paired_ci'][1]:.2f}  "
           f"{'PASS' if ok else 'BELOW'}")
   print()
-  print("samples/sec, medians over repeats of each repeat's median window. W: steps per timed "
-        "window; K h/f: steps per call of the harness / of the fused loop.")
+  print("samples/sec, medians over repeats of each repeat's median window (the harness's: "
+        "its point's samples_per_sec). W: steps per timed window; K h/f: steps per call of "
+        "the harness / of the fused loop.")
   print("ratio: harness / max(dispatched, fused) of those medians; range: the same ratio per "
         "repeat, min-max; best: the ratio of each loop's best repeat.")
   print("paired: median over all timed windows of harness window i / window i of the better "
@@ -436,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
   print_header(args, env)
   for r in range(args.repeats):
     for case in cases:
-      case["repeats"].append(run_repeat(case, args.windows, clock))
+      case["repeats"].append(run_repeat(case, clock))
     print(f"  repeat {r + 1}/{args.repeats} done ({clock() - began:.0f}s)", flush=True)
   print()
   print_table(cases, env, clock() - began)

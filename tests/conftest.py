@@ -28,12 +28,11 @@ def load_config(name, arg=None):
 @pytest.fixture(name="no_compile")
 def fixture_no_compile(monkeypatch):
   """Makes any compile an error: proves validation happens before compilation."""
-  from batchbench import parallel  # pylint: disable=g-import-not-at-top
+  from batchbench.core import program  # pylint: disable=g-import-not-at-top
 
   def refuse(*args, **kwargs):
     raise AssertionError("compiled before validating its input")
-  monkeypatch.setattr(parallel, "compile_train_call", refuse)
-  monkeypatch.setattr(parallel, "compile_forward_call", refuse)
+  monkeypatch.setattr(program, "aot", refuse)  # every compile goes through it
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The overhead benchmark runs against the current API, and its statistics are right."""
+"""The benchmarks run against the current API, and their statistics are right."""
 
 import os
 import sys
@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 import overhead  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import sweep_compile  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _repeat(harness, dispatched, fused):
@@ -40,9 +41,9 @@ def test_paired_ratio_uses_the_better_loop_by_median():
   assert 100 / 130 <= low <= stats["paired"] <= high <= 100 / 110
 
 
-def test_benchmark_runs_end_to_end(capsys):
+def test_overhead_benchmark_runs_end_to_end(capsys):
   assert overhead.main(["--workloads", "digits_mlp,synthetic_mlp", "--batches", "256",
-                        "--repeats", "1", "--windows", "2", "--window-examples", "2048"]) == 0
+                        "--repeats", "1", "--windows", "3"]) == 0
   out = capsys.readouterr().out
   rows = [line.split() for line in out.splitlines()
           if line.startswith(("digits_mlp ", "synthetic_mlp "))]
@@ -51,18 +52,27 @@ def test_benchmark_runs_end_to_end(capsys):
     assert row[-1] in ("PASS", "BELOW")
     paired = float(row[-3])
     assert 0.2 < paired < 5.0  # a ratio of two measured throughputs, not NaN or 0
+    k_harness, k_fused = row[3].split("/")
+    assert k_harness == k_fused  # the hand-fused loop runs the harness's calls
   assert "SUMMARY: harness >= 0.97 x the better hand loop at" in out
 
 
-@pytest.mark.parametrize("name", ["digits_mlp", "synthetic_mlp"])
-@pytest.mark.parametrize("windows", [3, 8, 10])
-def test_window_agrees_with_the_harness_and_keeps_its_steps_per_call(name, windows):
-  for batch in (32, 256, 1024):
-    window, spec = overhead.matched_window(name, batch,
-                                           overhead.window_steps_for(batch, 32768), windows)
-    assert overhead.harness_window_steps(spec) == window
-    assert spec.max_steps == (windows + 1) * window
-    assert window % spec.steps_per_call == 0
-    # The automatic K, as in a trial: at most 64 steps and 65,536 examples, dividing the
-    # eval interval (one window for digits), not shrunk by the benchmark's budget.
-    assert spec.steps_per_call == overhead.fused_steps_for(window, min(64, 65536 // batch))
+def test_harness_spec_times_the_windows_asked_for():
+  spec = overhead.harness_spec("digits_mlp", 1024, windows=4)
+  settings = spec.throughput_settings
+  assert settings["min_windows"] == 4
+  assert settings["min_seconds"] == pytest.approx(4 * overhead.WINDOW_SECONDS)
+  assert spec.lr == overhead.LR and spec.momentum == overhead.MOMENTUM
+
+
+def test_sweep_compile_benchmark_compiles_once_per_batch_and_keeps_results(capsys):
+  assert sweep_compile.main(["--batches", "256,512"]) == 0
+  out = capsys.readouterr().out
+  table = {line.split()[0]: line.split() for line in out.splitlines()
+           if line.startswith(("per_trial ", "per_batch ")) and line.split()[1].isdigit()}
+  trials = int(table["per_batch"][1])
+  assert trials == 6  # 2 batches x the config's 3 LR multipliers
+  # Before: a program per trial and point; after: at most two per batch, whatever the LRs.
+  assert int(table["per_trial"][5]) == trials + 2
+  assert int(table["per_batch"][5]) <= 2 * 2
+  assert "steps to target identical in all 6 trials: yes" in out

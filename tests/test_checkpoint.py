@@ -5,6 +5,8 @@ final params (their SHA-256), every eval's metrics, steps to target and the fina
 loss must be bit-identical on CPU.
 """
 
+import copy
+import dataclasses
 import gc
 import os
 import shutil
@@ -13,12 +15,18 @@ import signal
 import jax
 import numpy as np
 import pytest
+from test_trial import bn_config
 
-from batchbench import checkpoint, parallel, trial
 from batchbench import config as config_lib
-from batchbench.checkpoint import (CheckpointWriteError, CorruptCheckpointError, Preempted,
-                                   SpecMismatchError)
 from batchbench.config import ConfigError
+from batchbench.core.mesh import make_mesh, replicated
+from batchbench.core.program import ProgramCache
+from batchbench.core.state import TrainState
+from batchbench.runs import trial
+from batchbench.runs.trial import LoopState
+from batchbench.store import checkpoint
+from batchbench.store.checkpoint import (CheckpointWriteError, CorruptCheckpointError, Preempted,
+                                         SpecMismatchError)
 
 # Results that must be bit-identical between a resumed and an uninterrupted trial.
 RESULT_KEYS = ("status", "steps", "steps_to_target", "examples_to_target", "params_hash",
@@ -29,7 +37,7 @@ def small_config(**overrides):
   """Digits, a 64-unit MLP, target 0.95 accuracy (about 80 steps at batch 32).
 
   Two steps per call and four calls per eval window, with a checkpoint every
-  three steps: checkpoints fall inside windows, so resuming must realign them.
+  three steps: checkpoints fall inside eval windows, so resuming must realign them.
   """
   c = config_lib.default_config()
   c.workload = "digits_mlp"
@@ -69,6 +77,15 @@ def assert_same_result(row, reference):
           == [(h["step"], h["metrics"]) for h in reference["eval_history"]])
 
 
+def restore_latest(trial_dir, spec, program):
+  """The latest checkpoint of ``trial_dir``, restored onto ``program``'s abstract state."""
+  ckpt = checkpoint.TrialCheckpointer(str(trial_dir), spec)
+  try:
+    return ckpt.restore(program.abstract_state())
+  finally:
+    ckpt.close()
+
+
 @pytest.fixture(scope="module")
 def reference():
   """The uninterrupted trial, without a trial directory (no checkpoints, no handler)."""
@@ -78,6 +95,7 @@ def reference():
                         on_window=lambda *_: handlers.append(signal.getsignal(signal.SIGTERM)))
   assert all(h is before for h in handlers), "no SIGTERM handler without a trial dir"
   assert row["status"] == "ok" and row["steps_to_target"] and row["resumes"] == 0
+  assert row["steps"] == row["steps_to_target"]  # stopped at the eval that met the target
   assert row["time_ledger"]["checkpoint"] == 0.0
   return row
 
@@ -107,8 +125,8 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, reference):
   assert signal.getsignal(signal.SIGTERM) is before  # and restored after it
   assert (trial_dir / checkpoint.SPEC_FILE).exists()
   steps = checkpoint.committed_steps(str(trial_dir / checkpoint.CHECKPOINT_DIR))
-  # Every 3 steps, at the next call boundary (2 steps): 4, 6, 10, 12, 16, 18, 22; the
-  # hook runs after the window's checkpoint; max_to_keep 2.
+  # Every 3 steps (96 examples), at the next call boundary (2 steps): 4, 6, 10, 12, 16,
+  # 18, 22; the hook runs after the window's checkpoint; max_to_keep 2.
   assert steps == [18, 22]
 
   row = trial.run_trial(small_spec(), workdir=str(trial_dir), log=None)
@@ -118,14 +136,74 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, reference):
   ledger = row["time_ledger"]
   assert ledger["checkpoint"] > 0
   assert ledger["compile"] > row["compile_s"]  # both runs' compile seconds: restored ledger
-  assert row["samples_per_sec"] and row["timed_windows"] >= 3
+  assert row["loop_samples_per_sec"] and row["loop_timed_windows"] >= 3
 
   # The final checkpoint: a trial whose row was lost (sweep killed before appending it)
   # is rebuilt from it without training again.
   again = trial.run_trial(small_spec(), workdir=str(trial_dir), log=None)
   assert_same_result(again, reference)
-  assert again["timed_windows"] == row["timed_windows"]
+  assert again["loop_timed_windows"] == row["loop_timed_windows"]
   assert again["notes"][-1] == f"resumed from step {reference['steps']}"
+
+
+def assert_saved_loop_state(saved: LoopState, live: LoopState):
+  """``saved`` (restored from a checkpoint) is ``live`` field by field.
+
+  The ledger's checkpoint bucket is the exception: the save in progress is added to
+  it after the snapshot was taken, so the saved figure may only be smaller.
+  """
+  for field in dataclasses.fields(LoopState):
+    if field.name != "ledger":
+      assert getattr(saved, field.name) == getattr(live, field.name), field.name
+  assert set(saved.ledger) == set(live.ledger)
+  for bucket, seconds in live.ledger.items():
+    if bucket == "checkpoint":
+      assert 0 < saved.ledger[bucket] <= seconds
+    else:
+      assert saved.ledger[bucket] == seconds, bucket
+
+
+def test_loop_state_is_exactly_what_the_checkpoint_saves(tmp_path, reference):
+  spec, trial_dir = small_spec(), str(tmp_path / "trial")
+  cache = ProgramCache()
+  live = {}
+  runs = []
+
+  def capture(step, window):  # called after the window's checkpoint, if it had one
+    del window
+    live[step] = copy.deepcopy(runs[-1].loop)
+    if step >= 12 and not runs[-1].loop.resumes:
+      raise Interrupt(step)
+
+  def new_trial():
+    ckpt = checkpoint.TrialCheckpointer(trial_dir, spec)
+    runs.append(trial.Trial(spec, ckpt=ckpt, cache=cache, on_window=capture))
+    return ckpt
+
+  ckpt = new_trial()
+  with pytest.raises(Interrupt):
+    runs[-1].run()
+  ckpt.close()
+  program, hit = cache.get(spec)
+  assert hit
+  restored = restore_latest(trial_dir, spec, program)
+  assert restored.step == 12  # checkpoints at 4, 6, 10, 12 (see the test above)
+  saved = LoopState.from_json(restored.loop)
+  assert saved.history and saved.windows and saved.ledger["train"] > 0  # not trivially equal
+  assert all(isinstance(w, type(live[12].windows[0])) for w in saved.windows)
+  assert_saved_loop_state(saved, live[12])
+
+  # The final checkpoint holds the finished loop: status, target fields, the resume.
+  ckpt = new_trial()
+  row = runs[-1].run()
+  ckpt.close()
+  assert_same_result(row, reference)
+  final = restore_latest(trial_dir, spec, program)
+  assert final.step == reference["steps"]
+  saved = LoopState.from_json(final.loop)
+  assert saved.status == "ok" and saved.resumes == 1
+  assert saved.to_target["steps_to_target"] == reference["steps_to_target"]
+  assert_saved_loop_state(saved, runs[-1].loop)
 
 
 def test_preemption_checkpoints_at_the_next_call_boundary(tmp_path, reference):
@@ -206,33 +284,28 @@ def test_corrupted_latest_checkpoint_is_a_named_error_or_falls_back(tmp_path, re
   assert (trial_dir / checkpoint.CORRUPT_DIR / str(steps[-1])).is_dir()
 
 
-def test_resuming_under_a_changed_spec_is_refused_before_any_compute(tmp_path, monkeypatch):
+def test_resuming_under_a_changed_spec_is_refused_before_any_compute(tmp_path, no_compile):
+  del no_compile  # any compile (of the program or of its state) fails the test
   trial_dir = str(tmp_path / "trial")
   checkpoint.TrialCheckpointer(trial_dir, small_spec()).close()  # writes spec.json
-
-  def no_compute(*args, **kwargs):
-    raise AssertionError("computed before checking the spec")
-
-  monkeypatch.setattr(parallel, "init_state", no_compute)
-  monkeypatch.setattr(parallel, "abstract_state", no_compute)
   for change, field in [({"global_batch": 64}, "global_batch"), ({"seed": 1}, "seed"),
                         ({"lr_multiplier": 2.0}, "lr"),
-                        ({"workload_options": {"hidden": (32,)}}, "workload_options")]:
+                        ({"workload_options": {"hidden": (32,)}}, "workload_options"),
+                        # How often a trial is checkpointed shapes its timing windows,
+                        # so it is part of the trial's identity now.
+                        ({"checkpoint_every_examples": 1024}, "checkpoint_every_examples")]:
     with pytest.raises(SpecMismatchError) as err:
       trial.run_trial(small_spec(**change), workdir=trial_dir, log=None)
     assert field in str(err.value) and "Refusing to resume" in str(err.value)
     assert trial_dir in str(err.value)
-  # How often a trial is checkpointed is not part of what it computes.
-  other = small_spec(checkpoint_every_examples=1024)
-  assert other.trial_id == small_spec().trial_id
-  checkpoint.TrialCheckpointer(trial_dir, other).close()
+  assert small_spec(checkpoint_every_examples=1024).trial_id != small_spec().trial_id
+  # A run option is not part of the identity: the same trial opens its directory.
+  checkpoint.TrialCheckpointer(trial_dir, small_spec(fallback_to_previous_checkpoint=True),
+                               fallback_to_previous=True).close()
 
 
-def test_unwritable_workdir_is_a_clear_error_before_any_compute(tmp_path, monkeypatch):
-  def no_compute(*args, **kwargs):
-    raise AssertionError("computed before checking the workdir")
-
-  monkeypatch.setattr(parallel, "init_state", no_compute)
+def test_unwritable_workdir_is_a_clear_error_before_any_compute(tmp_path, no_compile):
+  del no_compile
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
   # Below a regular file nothing can be created, even by root (chmod does not stop root).
@@ -246,8 +319,8 @@ def test_unwritable_workdir_is_a_clear_error_before_any_compute(tmp_path, monkey
     with pytest.raises(CheckpointWriteError) as err:
       trial.run_trial(small_spec(), workdir=trial_dir, log=None)
     assert "cannot write the trial directory" in str(err.value) and trial_dir in str(err.value)
-  with pytest.raises(ConfigError, match="not a directory"):  # what the commands check first
-    config_lib.check_workdir(str(blocker / "sweep"))
+  with pytest.raises(ConfigError, match="workdir.*Not a directory"):  # what commands check first
+    config_lib.open_workdir(str(blocker / "sweep"))
 
 
 def test_checkpoint_config_fields_are_validated():
@@ -269,16 +342,16 @@ def test_params_hash_sees_every_bit():
 def test_save_snapshots_the_loop_state_before_the_loop_moves_on(tmp_path):
   """Saving is asynchronous, and the loop keeps appending to its history meanwhile."""
   spec = small_spec()
-  replicated = jax.sharding.NamedSharding(parallel.make_mesh(2), jax.sharding.PartitionSpec())
-  state = jax.device_put(parallel.TrainState(
-      step=np.int32(3), params={"w": np.arange(8, dtype=np.float32)}, opt_state=(),
-      rng=jax.random.key(1)), replicated)
+  sharding = replicated(make_mesh(2))
+  state = jax.device_put(TrainState(
+      step=np.int32(3), params={"w": np.arange(8, dtype=np.float32)},
+      model_state={"batch_stats": {"mean": np.full(4, 0.25, np.float32)}}, opt_state=(),
+      rng=jax.random.key(1)), sharding)
   ckpt = checkpoint.TrialCheckpointer(str(tmp_path), spec)
-  history = [{"step": 3, "metrics": {"accuracy": 0.5}}]
-  loop = {"step": 3, "history": history, "notes": []}
+  loop = LoopState(step=3, history=[{"step": 3, "metrics": {"accuracy": 0.5}}])
   ckpt.save(3, state, loop)
-  history.append({"step": 6, "metrics": {"accuracy": 0.75}})  # the next window's eval
-  loop["notes"].append("later")
+  loop.history.append({"step": 6, "metrics": {"accuracy": 0.75}})  # the next window's eval
+  loop.notes.append("later")
   ckpt.close()
 
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
@@ -286,25 +359,41 @@ def test_save_snapshots_the_loop_state_before_the_loop_moves_on(tmp_path):
   reopened = checkpoint.TrialCheckpointer(str(tmp_path), spec)
   restored = reopened.restore(abstract)
   reopened.close()
-  assert restored.loop == {"step": 3, "history": [{"step": 3, "metrics": {"accuracy": 0.5}}],
-                           "notes": []}
+  assert LoopState.from_json(restored.loop) == LoopState(
+      step=3, history=[{"step": 3, "metrics": {"accuracy": 0.5}}])
   assert checkpoint.params_hash(restored.state.params) == checkpoint.params_hash(state.params)
+  np.testing.assert_array_equal(restored.state.model_state["batch_stats"]["mean"],
+                                np.full(4, 0.25, np.float32))
   assert restored.state.rng.dtype == state.rng.dtype  # a typed key again, same impl
   assert np.array_equal(jax.random.key_data(restored.state.rng), jax.random.key_data(state.rng))
-  assert restored.state.params["w"].sharding == replicated
+  assert restored.state.params["w"].sharding == sharding
 
 
-def test_resume_is_bit_identical_when_calls_span_several_evals(tmp_path):
-  # Evals every 2 steps, 16 steps per call: each call returns 8 sets of eval parameters.
-  overrides = dict(steps_per_call=16, eval_every_examples=64)
-  assert small_spec(**overrides).evals_per_call == 8
-  reference = trial.run_trial(small_spec(**overrides), log=None)
-  assert reference["status"] == "ok" and reference["steps_to_target"] % 2 == 0
-  trial_dir = str(tmp_path / "trial")
+# --- a workload with model state (BatchNorm statistics) ---------------------------------
+
+def test_batchnorm_statistics_are_checkpointed_and_resume_bit_identically(tmp_path):
+  spec = config_lib.resolve(bn_config(checkpoint_every_examples=256), 8)
+  assert (spec.eval_every_steps, spec.steps_per_call, spec.max_steps) == (4, 4, 24)
+  cache = ProgramCache()  # both runs use one program: this test is about the checkpoint
+  ref_dir, dir_ = tmp_path / "reference", tmp_path / "interrupted"
+  reference = trial.run_trial(spec, workdir=str(ref_dir), cache=cache, log=None)
   with pytest.raises(Interrupt):
-    trial.run_trial(small_spec(**overrides), workdir=trial_dir, log=None,
-                    on_window=interrupt_at(32))
-  assert checkpoint.committed_steps(os.path.join(trial_dir, checkpoint.CHECKPOINT_DIR))[-1] == 32
-  row = trial.run_trial(small_spec(**overrides), workdir=trial_dir, log=None)
+    trial.run_trial(spec, workdir=str(dir_), cache=cache, log=None, on_window=interrupt_at(12))
+  program, _ = cache.get(spec)
+  at_12 = restore_latest(dir_, spec, program)
+  assert at_12.step == 12
+  initial = program.init_state(spec.seed, spec.lr).model_state["batch_stats"]
+  stats_12 = at_12.state.model_state["batch_stats"]
+  # Training moved the running statistics away from their initial 0 / 1, and the
+  # checkpoint holds the moved ones.
+  for name in ("mean", "var"):
+    assert not np.allclose(stats_12["BatchNorm_0"][name], initial["BatchNorm_0"][name])
+
+  row = trial.run_trial(spec, workdir=str(dir_), cache=cache, log=None)
   assert_same_result(row, reference)
-  assert row["resumes"] == 1 and row["notes"] == ["resumed from step 32"]
+  assert row["resumes"] == 1 and row["steps"] == 24
+  final = restore_latest(dir_, spec, program).state.model_state
+  expected = restore_latest(ref_dir, spec, program).state.model_state
+  assert checkpoint.params_hash(final) == checkpoint.params_hash(expected)
+  assert not np.array_equal(final["batch_stats"]["BatchNorm_0"]["mean"],
+                            stats_12["BatchNorm_0"]["mean"])  # and kept moving after resume

@@ -1,30 +1,32 @@
-"""Configs and resolve(): what a valid config resolves to, and every invalid field's error."""
+"""Configs and resolve(): what a valid config resolves to, every invalid field's error, the
+identities a spec derives (trial, program, throughput point), and the workdir."""
 
 import dataclasses
 import math
 import os
-import pathlib
 import pickle
 import re
 
 import pytest
-from conftest import load_config
+from conftest import REPO, load_config
 
 from batchbench import config as config_lib
-from batchbench.config import ConfigError, check_workdir, parse_arg, resolve
+from batchbench import version
+from batchbench.config import ConfigError, TrialSpec, open_workdir, parse_arg, resolve
 from batchbench.workloads import Target
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
 
 
-
-
 def digits(**overrides):
+  """configs/digits_mlp.py with fields overridden (dotted names for nested fields)."""
   c = load_config("digits_mlp")
-  for k, v in overrides.items():
-    c[k] = v
+  c.update_from_flattened_dict(overrides)
   return c
+
+
+def largest_divisor_at_most(n, cap):
+  return max(d for d in range(1, cap + 1) if n % d == 0)
 
 
 # --- what valid configs resolve to ------------------------------------------------------
@@ -34,21 +36,28 @@ def test_every_config_file_resolves(name):
   spec = resolve(load_config(name), 8)
   assert spec.num_devices == 8 and spec.per_device_batch * 8 == spec.global_batch
   assert spec.max_steps is None or spec.max_steps % spec.steps_per_call == 0
-  if spec.eval_every_steps:  # evals at call boundaries, or at fixed points inside a call
-    every, k = spec.eval_every_steps, spec.steps_per_call
-    assert every % k == 0 or (k % every == 0 and spec.evals_per_call == k // every > 1)
+  # Evals fall on call boundaries (an interval past the budget never fires).
+  if spec.eval_every_steps and (spec.max_steps is None
+                                or spec.eval_every_steps <= spec.max_steps):
+    assert spec.eval_every_steps % spec.steps_per_call == 0
+  # The throughput phase has no evals to align with: its calls are never shorter.
+  assert spec.throughput_steps_per_call >= spec.steps_per_call
+  assert spec.measurement_version == version.MEASUREMENT_VERSION
 
 
 def test_digits_default_spec():
   spec = resolve(load_config("digits_mlp"), 8)
   assert (spec.global_batch, spec.per_device_batch, spec.accum_steps) == (32, 4, 1)
-  # Evals every 8 steps; a 64-step call spans 8 of them (evaluated after the call).
-  assert spec.eval_every_steps == 8 and spec.steps_per_call == 64 and spec.evals_per_call == 8
-  # 100 epochs = 143,700 examples = 4,491 steps, rounded up to whole 64-step calls.
-  assert spec.max_steps == 4544
+  # An eval every 256 / 32 = 8 steps: calls of 8 steps end exactly on every eval.
+  assert spec.eval_every_steps == 8 and spec.steps_per_call == 8
+  # 100 epochs = 143,700 examples = 4,491 steps, rounded up to whole 8-step calls.
+  assert spec.max_steps == math.ceil(math.ceil(143_700 / 32) / 8) * 8 == 4496
   assert spec.lr == pytest.approx(0.05) and spec.warmup_steps == 0
+  assert (spec.optimizer, spec.momentum, spec.weight_decay) == ("sgd", 0.9, 0.0)
   assert spec.target == Target("accuracy", 0.96, "max")
-  assert spec.train_size == 1437 and spec.steps_per_epoch == 44
+  assert spec.train_size == 1437 and spec.steps_per_epoch == 1437 // 32
+  assert spec.throughput_settings == {"warmup_calls": 2, "min_windows": 5,
+                                      "min_seconds": 1.0, "max_seconds": 60.0}
 
 
 @pytest.mark.parametrize("rule, batch, mult, lr", [
@@ -60,38 +69,46 @@ def test_resolved_lr_follows_the_rule(rule, batch, mult, lr):
   assert (spec.base_lr, spec.reference_batch, spec.lr_rule) == (0.05, 32, rule)
 
 
-@pytest.mark.parametrize("batch, every, k, evals", [
-    (1024, 256, 16, 16),  # an eval every step: 16 steps per call, each evaluated
-    (64, 256, 64, 16),  # every 4 steps: a 64-step call spans 16 eval intervals
-    (32, 256, 64, 8),
-    (8, 8192, 64, 1),  # every 1,024 steps: calls of 64 divide the interval
-])
-def test_auto_steps_per_call_spans_short_eval_intervals(batch, every, k, evals):
-  spec = resolve(digits(global_batch=batch, eval_every_examples=every), 8)
-  assert (spec.steps_per_call, spec.evals_per_call) == (k, evals)
+@pytest.mark.parametrize("batch, every_examples", [(1024, 256), (64, 256), (32, 256),
+                                                    (8, 8192), (96, 768)])
+def test_auto_steps_per_call_ends_on_every_eval(batch, every_examples):
+  spec = resolve(digits(global_batch=batch, eval_every_examples=every_examples), 8)
+  every = max(1, every_examples // batch)  # an interval under one batch: every step
+  assert spec.eval_every_steps == every
+  # The longest call that divides the eval interval, up to the throughput phase's calls.
+  assert spec.steps_per_call == largest_divisor_at_most(every, spec.throughput_steps_per_call)
   assert spec.max_steps % spec.steps_per_call == 0
 
 
-def test_evals_per_call_respect_the_snapshot_budget_and_max_steps(monkeypatch):
-  # digits_mlp has 85,002 float32 parameters (340,008 bytes): a 1 MB budget holds 2 copies.
-  monkeypatch.setattr(config_lib, "MAX_EVAL_SNAPSHOT_BYTES", 1_000_000)
-  spec = resolve(digits(global_batch=1024, eval_every_examples=256), 8)
-  assert (spec.steps_per_call, spec.evals_per_call) == (2, 2)
-  monkeypatch.setattr(config_lib, "MAX_EVAL_SNAPSHOT_BYTES", 100)  # not even one copy
-  spec = resolve(digits(global_batch=1024, eval_every_examples=256), 8)
-  assert (spec.steps_per_call, spec.evals_per_call) == (1, 1)
-  monkeypatch.undo()
-  # A max_steps budget must still end on a call boundary: 20 = 10 evals of 2 steps.
+def test_a_max_steps_budget_also_ends_on_a_call_boundary():
+  # Evals every 2 steps and a 20-step budget: calls of gcd(2, 20) = 2 steps.
   spec = resolve(digits(global_batch=128, eval_every_examples=256, max_examples=None,
                         max_steps=20), 8)
-  assert (spec.steps_per_call, spec.evals_per_call, spec.max_steps) == (20, 10, 20)
+  assert (spec.eval_every_steps, spec.steps_per_call, spec.max_steps) == (2, 2, 20)
+  # Evals every 8 steps and a 12-step budget: gcd(8, 12) = 4.
+  spec = resolve(digits(max_examples=None, max_steps=12), 8)
+  assert (spec.eval_every_steps, spec.steps_per_call, spec.max_steps) == (8, 4, 12)
 
 
-def test_explicit_steps_per_call_may_span_eval_intervals():
-  spec = resolve(digits(global_batch=256, eval_every_examples=512, steps_per_call=8), 8)
-  assert (spec.eval_every_steps, spec.evals_per_call) == (2, 4)
-  with pytest.raises(ConfigError, match=r"steps_per_call=3: must divide the eval interval"):
-    resolve(digits(global_batch=256, eval_every_examples=512, steps_per_call=3), 8)
+def test_explicit_steps_per_call_must_divide_the_eval_interval():
+  spec = resolve(digits(global_batch=256, eval_every_examples=2048, steps_per_call=4), 8)
+  assert (spec.eval_every_steps, spec.steps_per_call) == (8, 4)
+  assert spec.throughput_steps_per_call == 4  # an explicit value holds for both phases
+  for k in (3, 16):  # 3 does not divide 8; 16 would skip over an eval
+    with pytest.raises(ConfigError, match=rf"steps_per_call={k}: must divide the eval"):
+      resolve(digits(global_batch=256, eval_every_examples=2048, steps_per_call=k), 8)
+
+
+def test_an_eval_interval_past_max_steps_does_not_shrink_steps_per_call():
+  c = config_lib.default_config()
+  c.global_batch, c.num_devices, c.max_steps = 1024, 1, 2048
+  c.eval_every_examples = 10**9  # 976,562 steps: never reached within 2,048
+  spec = resolve(c, 8)
+  # Nothing to align with but the budget: the calls are as long as the throughput phase's.
+  assert spec.steps_per_call == spec.throughput_steps_per_call
+  assert spec.max_steps % spec.steps_per_call == 0
+  c.eval_every_examples = 3 * 1024  # an eval every 3 steps, which 2,048 steps never hits
+  assert resolve(c, 8).steps_per_call == 1  # gcd(3, 2048): evals and budget both respected
 
 
 def test_devices_and_accumulation():
@@ -125,12 +142,10 @@ def test_targets():
   assert resolve(digits(target_metric=None, target_value=None), 8).target == Target(
       "accuracy", 0.96, "max")
   assert resolve(digits(target_metric="none"), 8).target is None
-  c = digits(target_metric="loss")
-  c.target_value = 0.25
-  assert resolve(c, 8).target == Target("loss", 0.25, "min")
-  c = digits(target_metric=None)
-  c.target_value = 0.9
-  assert resolve(c, 8).target == Target("accuracy", 0.9, "max")
+  assert resolve(digits(target_metric="loss", target_value=0.25), 8).target == Target(
+      "loss", 0.25, "min")
+  assert resolve(digits(target_metric=None, target_value=0.9), 8).target == Target(
+      "accuracy", 0.9, "max")
 
 
 def test_synthetic_config_has_no_evals_or_target():
@@ -139,22 +154,71 @@ def test_synthetic_config_has_no_evals_or_target():
   assert spec.max_steps == 24 and 24 % spec.steps_per_call == 0
 
 
+def test_optimizer_options():
+  sgd = resolve(digits(momentum=None), 8)
+  assert sgd.momentum == 0.9  # sgd's default momentum
+  adam = resolve(digits(optimizer="adam", momentum=None), 8)
+  assert adam.momentum is None and adam.weight_decay == 0.0
+  adamw = resolve(digits(optimizer="adamw", momentum=None, weight_decay=0.01), 8)
+  assert (adamw.momentum, adamw.weight_decay) == (None, 0.01)
+
+
+# --- identities -------------------------------------------------------------------------
+
 def test_trial_id_is_stable_and_tracks_the_spec():
   a, b = resolve(digits(), 8), resolve(digits(), 8)
   assert a.trial_id == b.trial_id and len(a.trial_id) == 12
-  assert resolve(digits(seed=1), 8).trial_id != a.trial_id
-  assert resolve(digits(global_batch=64), 8).trial_id != a.trial_id
-  assert resolve(digits(num_devices=1), 8).trial_id != a.trial_id
+  for change in ({"seed": 1}, {"global_batch": 64}, {"num_devices": 1},
+                 {"lr_multiplier": 2.0}, {"checkpoint_every_examples": 512},
+                 {"throughput.min_seconds": 2.0}):
+    assert resolve(digits(**change), 8).trial_id != a.trial_id, change
   with pytest.raises(dataclasses.FrozenInstanceError):
     a.global_batch = 64  # type: ignore[misc]
+
+
+def test_identities_change_with_the_measurement_version(monkeypatch):
+  before = resolve(digits(), 8)
+  monkeypatch.setattr(version, "MEASUREMENT_VERSION", version.MEASUREMENT_VERSION + 1)
+  after = resolve(digits(), 8)
+  assert after.measurement_version == before.measurement_version + 1
+  # Rows and points measured by other code are not reused ...
+  assert after.trial_id != before.trial_id and after.point_id != before.point_id
+  # ... but compare still matches them to the same benchmark.
+  assert after.benchmark() == before.benchmark()
+  assert after.point_benchmark() == before.point_benchmark()
+
+
+def test_lr_and_seed_share_one_program_and_throughput_point():
+  a = resolve(digits(global_batch=64), 8)
+  for change in ({"seed": 3}, {"lr_multiplier": 2.0}, {"base_lr": 0.2},
+                 {"lr_rule": "sqrt"}, {"target_value": 0.5},
+                 {"checkpoint_every_examples": 512}):
+    b = resolve(digits(global_batch=64, **change), 8)
+    assert b.trial_id != a.trial_id, change
+    assert (b.program_key(), b.point_id) == (a.program_key(), a.point_id), change
+  for change in ({"global_batch": 128}, {"accum_steps": 2}, {"num_devices": 4},
+                 {"optimizer": "adam", "momentum": None}):
+    b = resolve(digits(**{"global_batch": 64, **change}), 8)
+    assert b.program_key() != a.program_key() and b.point_id != a.point_id, change
+  # The throughput phase's settings are part of its point, not of the program.
+  b = resolve(digits(global_batch=64, **{"throughput.min_windows": 7}), 8)
+  assert b.program_key() == a.program_key() and b.point_id != a.point_id
+  # The trial and the throughput phase compile different programs when their calls differ.
+  assert a.steps_per_call != a.throughput_steps_per_call
+  assert a.program_key() != a.program_key(a.throughput_steps_per_call)
+
+
+def test_spec_round_trips_through_its_dict():
+  spec = resolve(digits(warmup_examples=64, checkpoint_every_examples=512), 8)
+  clone = TrialSpec.from_dict(spec.to_dict())
+  assert clone == spec and clone.trial_id == spec.trial_id and clone.point_id == spec.point_id
 
 
 # --- every invalid field ----------------------------------------------------------------
 
 def _synthetic(**overrides):
   c = load_config("synthetic_mlp")
-  for k, v in overrides.items():
-    c[k] = v
+  c.update_from_flattened_dict(overrides)
   return c
 
 
@@ -174,8 +238,15 @@ INVALID = [
     (digits(num_devices=-1), "num_devices", -1, "between 1 and the 8 available devices"),
     (digits(lr_rule="cubic"), "lr_rule", "cubic", "must be one of none, linear, sqrt"),
     (digits(workload="resnet50"), "workload", "resnet50",
-     "known workloads: digits_mlp, mnist1d_cnn, mnist1d_mlp, synthetic_cnn, synthetic_mlp"),
+     "known workloads: .*digits_mlp.*mnist1d_cnn.*mnist1d_mlp.*synthetic_cnn.*synthetic_mlp"),
     (digits(optimizer="lamb"), "optimizer", "lamb", "must be one of sgd, adam, adamw"),
+    # Options the optimizer would silently ignore.
+    (digits(optimizer="adam", momentum=0.9), "momentum", 0.9,
+     "optimizer adam ignores momentum"),
+    (digits(optimizer="adamw", momentum=0.5), "momentum", 0.5,
+     "optimizer adamw ignores momentum"),
+    (digits(optimizer="adam", momentum=None, weight_decay=0.1), "weight_decay", 0.1,
+     "optimizer adam ignores weight_decay; use adamw"),
     (digits(schedule="step"), "schedule", "step", "must be one of constant, cosine, linear"),
     (digits(base_lr=0.0), "base_lr", 0.0, "must be a positive finite number"),
     (digits(base_lr=math.inf), "base_lr", math.inf, "must be a positive finite number"),
@@ -206,8 +277,18 @@ INVALID = [
     (digits(steps_per_call=-1), "steps_per_call", -1, "must be an integer >= 0"),
     (digits(seed=-1), "seed", -1, "must be an integer >= 0"),
     (digits(memory_budget_bytes=0), "memory_budget_bytes", 0, "must be a positive integer"),
+    (digits(checkpoint_every_examples=0), "checkpoint_every_examples", 0,
+     "must be a positive integer"),
     (digits(schedule="cosine", max_examples=None, max_seconds=10.0), "schedule", "cosine",
      "a decaying schedule needs max_examples or max_steps"),
+    (digits(**{"throughput.min_windows": 2}), "throughput.min_windows", 2,
+     "must be an integer >= 3"),
+    (digits(**{"throughput.warmup_calls": 0}), "throughput.warmup_calls", 0,
+     "must be an integer >= 1"),
+    (digits(**{"throughput.min_seconds": 0.0}), "throughput.min_seconds", 0.0,
+     "must be a positive number of seconds"),
+    (digits(**{"throughput.min_seconds": 5.0, "throughput.max_seconds": 2.0}),
+     "throughput.max_seconds", 2.0, r"must be at least throughput.min_seconds \(5.0\)"),
     (_synthetic(target_metric="accuracy"), "target_metric", "accuracy",
      "synthetic_mlp is synthetic and has no eval data; use 'none'"),
     (_synthetic(max_steps=None, max_examples=4096), "max_steps", None,
@@ -229,7 +310,7 @@ def test_invalid_field_is_rejected_with_field_value_and_what_is_valid(c, field, 
 def test_unknown_workload_option_is_a_config_error():
   c = digits()
   c.workload_options.width = 3
-  with pytest.raises(ConfigError, match=r"workload_options=.*no option\(s\) \['width'\]"):
+  with pytest.raises(ConfigError, match=r"workload_options=.*has no option\(s\) width"):
     resolve(c, 8)
 
 
@@ -240,9 +321,9 @@ def test_parse_arg_types_and_errors():
   assert (arg.batch, arg.rule, arg.quick) == (64, "sqrt", False)
   assert parse_arg(None, batch=32).batch == 32
   assert parse_arg("quick", quick=False).quick is True
-  with pytest.raises(ConfigError, match=r"config arg 'batchh'.*known args: \['batch'"):
+  with pytest.raises(ConfigError, match=r"config arg batchh='3': known args: batch, rule$"):
     parse_arg("batchh=3", batch=32, rule="linear")
-  with pytest.raises(ConfigError, match=r"config arg 'batch'='x': expected int"):
+  with pytest.raises(ConfigError, match=r"config arg batch='x': expected int$"):
     parse_arg("batch=x", batch=32)
 
 
@@ -262,56 +343,42 @@ def test_config_error_survives_being_rebuilt_from_its_message():
 
 # --- the workdir ------------------------------------------------------------------------
 
-def test_check_workdir_accepts_a_new_path_without_creating_it(tmp_path, monkeypatch):
+def test_open_workdir_creates_the_path_and_leaves_nothing_behind(tmp_path, monkeypatch):
   target = tmp_path / "a" / "b"
-  assert check_workdir(str(target)) == str(target)
-  assert not (tmp_path / "a").exists()
+  assert open_workdir(str(target)) == str(target)
+  assert target.is_dir() and os.listdir(target) == []  # the write probe is removed
   monkeypatch.chdir(tmp_path)
-  assert check_workdir("rel") == os.path.join(str(tmp_path), "rel")
-  assert check_workdir(str(tmp_path)) == str(tmp_path)  # an existing directory is fine
+  assert open_workdir("rel") == os.path.join(str(tmp_path), "rel")
+  (tmp_path / "rel" / "keep").write_text("x")
+  assert open_workdir(str(tmp_path / "rel")) == str(tmp_path / "rel")  # existing: fine
+  assert os.listdir(tmp_path / "rel") == ["keep"]
 
 
 @pytest.mark.parametrize("workdir", [None, ""])
-def test_check_workdir_requires_a_path(workdir):
+def test_open_workdir_requires_a_path(workdir):
   with pytest.raises(ConfigError, match="workdir=.*a writable directory path is required"):
-    check_workdir(workdir)
+    open_workdir(workdir)
 
 
-def test_check_workdir_rejects_an_existing_file(tmp_path):
+def test_open_workdir_rejects_an_existing_file(tmp_path):
   f = tmp_path / "results.txt"
   f.write_text("keep")
-  with pytest.raises(ConfigError, match=f"workdir='{f}'.*exists and is not a directory"):
-    check_workdir(str(f))
-  assert f.read_text() == "keep"
+  with pytest.raises(ConfigError, match=f"workdir='{f}': cannot create or write a file"):
+    open_workdir(str(f))
+  assert f.read_text() == "keep" and os.listdir(tmp_path) == ["results.txt"]
 
 
-def test_check_workdir_rejects_a_path_under_a_file(tmp_path):
+def test_open_workdir_rejects_a_path_under_a_file(tmp_path):
   f = tmp_path / "file"
   f.write_text("")
-  with pytest.raises(ConfigError, match=f"workdir='{f}/sub/dir'.*{f} exists and is not a dir"):
-    check_workdir(str(f / "sub" / "dir"))
+  with pytest.raises(ConfigError, match=f"workdir='{f}/sub/dir': cannot create or write"):
+    open_workdir(str(f / "sub" / "dir"))
   assert os.listdir(tmp_path) == ["file"]
 
 
-def test_check_workdir_rejects_a_read_only_parent(tmp_path):
-  ro = tmp_path / "ro"
-  ro.mkdir()
-  ro.chmod(0o555)
-  try:
-    if os.access(ro, os.W_OK):  # root: permissions do not stop writes
-      pytest.skip("running as root: a read-only directory is still writable")
-    with pytest.raises(ConfigError, match=f"workdir='{ro}/wd'.*{ro} is not writable"):
-      check_workdir(str(ro / "wd"))
-    assert os.listdir(ro) == []
-  finally:
-    ro.chmod(0o755)
-
-
-
-def test_an_eval_interval_past_max_steps_does_not_shrink_steps_per_call():
-  c = config_lib.default_config()
-  c.global_batch, c.num_devices, c.max_steps = 1024, 1, 2048
-  c.eval_every_examples = 10**9  # 976,562 steps: never reached within 2,048
-  spec = config_lib.resolve(c, 8)
-  assert spec.steps_per_call == config_lib.MAX_AUTO_STEPS_PER_CALL
-  assert spec.max_steps % spec.steps_per_call == 0
+def test_open_workdir_rejects_a_virtual_filesystem():
+  # /proc cannot hold new files even for root (whom permission bits do not stop).
+  with pytest.raises(ConfigError) as e:
+    open_workdir("/proc/batchbench-wd")
+  assert e.value.field == "workdir" and "cannot create or write a file there" in str(e.value)
+  assert not os.path.exists("/proc/batchbench-wd")

@@ -22,7 +22,6 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHECKPOINT_WRITE_ERROR_EXIT = 3  # the child's status for a CheckpointError
 TIMEOUT_S = 240
 
 
@@ -37,7 +36,7 @@ def _sync_child(process_id: int, port: int) -> int:
 
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                              process_id=process_id, initialization_timeout=60)
-  from batchbench import checkpoint  # pylint: disable=g-import-not-at-top
+  from batchbench.store import checkpoint  # pylint: disable=g-import-not-at-top
   with checkpoint.preemption_watch() as watch:
     print("ready", flush=True)
     step, k = 0, 4
@@ -65,7 +64,9 @@ def _child(argv) -> int:
 
   import resource  # pylint: disable=g-import-not-at-top
 
-  from batchbench import checkpoint, results, trial  # pylint: disable=g-import-not-at-top
+  from batchbench.fmt import to_jsonable  # pylint: disable=g-import-not-at-top
+  from batchbench.runs import trial  # pylint: disable=g-import-not-at-top
+  from batchbench.store import checkpoint, results  # pylint: disable=g-import-not-at-top
   from test_checkpoint import small_spec  # pylint: disable=g-import-not-at-top
 
   ckpt_dir = os.path.join(args.trial_dir, checkpoint.CHECKPOINT_DIR)
@@ -89,8 +90,8 @@ def _child(argv) -> int:
     return checkpoint.PREEMPTED_EXIT_CODE
   except checkpoint.CheckpointError as e:
     print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
-    return CHECKPOINT_WRITE_ERROR_EXIT
-  results.atomic_write_text(args.row_json, json.dumps(results.to_jsonable(row)))
+    return checkpoint.CHECKPOINT_ERROR_EXIT_CODE
+  results.atomic_write_text(args.row_json, json.dumps(to_jsonable(row)))
   return 0
 
 
@@ -142,14 +143,15 @@ def _wait_for(condition, proc, timeout=TIMEOUT_S, poll=0.005):
 
 @pytest.fixture(scope="module")
 def reference():
-  from batchbench import trial  # pylint: disable=g-import-not-at-top
+  from batchbench.runs import trial  # pylint: disable=g-import-not-at-top
   from test_checkpoint import small_spec  # pylint: disable=g-import-not-at-top
   return trial.run_trial(small_spec(), log=None)
 
 
 def test_sigterm_saves_at_a_call_boundary_exits_cleanly_and_resumes_exactly(
     tmp_path, reference):
-  from batchbench import checkpoint, trial  # pylint: disable=g-import-not-at-top
+  from batchbench.runs import trial  # pylint: disable=g-import-not-at-top
+  from batchbench.store import checkpoint  # pylint: disable=g-import-not-at-top
   from test_checkpoint import assert_same_result, small_spec  # pylint: disable=g-import-not-at-top
 
   proc, trial_dir = _start_child(tmp_path, "--slow", "0.15")
@@ -170,12 +172,13 @@ def test_sigterm_saves_at_a_call_boundary_exits_cleanly_and_resumes_exactly(
 
 
 def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_restores(tmp_path, reference):
-  from batchbench import checkpoint, trial  # pylint: disable=g-import-not-at-top
+  from batchbench.runs import trial  # pylint: disable=g-import-not-at-top
+  from batchbench.store import checkpoint  # pylint: disable=g-import-not-at-top
   from test_checkpoint import assert_same_result, small_spec  # pylint: disable=g-import-not-at-top
 
   proc, trial_dir = _start_child(tmp_path, "--fsize-after-checkpoint", "2048")
   out, err = proc.communicate(timeout=TIMEOUT_S)
-  assert proc.returncode == CHECKPOINT_WRITE_ERROR_EXIT, (out, err)
+  assert proc.returncode == checkpoint.CHECKPOINT_ERROR_EXIT_CODE, (out, err)
   assert "CheckpointWriteError: writing a checkpoint under" in err
   assert "is the disk full or the directory read-only?" in err
   committed = checkpoint.committed_steps(os.path.join(trial_dir, checkpoint.CHECKPOINT_DIR))
@@ -210,32 +213,45 @@ def test_multiprocess_preemption_stops_every_process_at_the_same_call(tmp_path):
   assert all("synced" in out for out, _ in outs)
 
 
-SWEEP_FLAGS = ["--config=configs/digits_mlp.py", "--config.sweep.global_batches=(32,64)",
-               "--config.sweep.lr_multipliers=(1.0,)", "--config.workload_options.hidden=(64,)",
-               "--config.num_devices=2", "--config.target_value=0.95",
-               "--config.checkpoint_every_examples=128", "--config.steps_per_call=8",
-               "--quiet"]  # 8-step calls: a checkpoint every call, so kills land mid-trial
+# A two-batch sweep: 4-step calls and a checkpoint every call, so kills land mid-trial;
+# a short throughput phase (its settings are part of every trial's identity).
+SWEEP = {"sweep.global_batches": (32, 64), "sweep.lr_multipliers": (1.0,),
+         "workload_options.hidden": (64,), "num_devices": 2, "target_value": 0.95,
+         "checkpoint_every_examples": 128, "steps_per_call": 4, "throughput.min_windows": 3,
+         "throughput.min_seconds": 0.05, "throughput.max_seconds": 0.5}
 
 
-def _sweep_reference():
+def sweep_command(workdir, *flags, quiet=True, **overrides):
+  """``batchbench sweep`` of ``SWEEP`` (with ``overrides``) in ``workdir``."""
+  fields = {**SWEEP, **{key.replace("__", "."): value for key, value in overrides.items()}}
+  return [sys.executable, "-m", "batchbench", "sweep", "--config=configs/digits_mlp.py",
+          f"--workdir={workdir}", *flags, *(["--quiet"] if quiet else []),
+          *(f"--config.{key}={value}" for key, value in fields.items())]
+
+
+@pytest.fixture(scope="module")
+def sweep_reference():
   """The sweep's trials run uninterrupted in this process, by trial id."""
   import runpy  # pylint: disable=g-import-not-at-top
 
   import jax  # pylint: disable=g-import-not-at-top
 
-  from batchbench import sweep, trial  # pylint: disable=g-import-not-at-top
+  from batchbench.runs import sweep, trial  # pylint: disable=g-import-not-at-top
   config = runpy.run_path(os.path.join(REPO, "configs", "digits_mlp.py"))["get_config"]()
-  config.sweep.global_batches, config.sweep.lr_multipliers = (32, 64), (1.0,)
-  config.workload_options.hidden, config.num_devices = (64,), 2
-  config.target_value, config.checkpoint_every_examples = 0.95, 128
-  config.steps_per_call = 8
+  for key, value in SWEEP.items():
+    *parents, name = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
   specs = sweep.expand(config, jax.local_device_count())
+  assert len(specs) == 2
   return {s.trial_id: trial.run_trial(s, log=None) for s in specs}
 
 
 def _checkpoint_entries(workdir, since=0.0):
   """(committed steps, temporary folders changed since ``since``) over a sweep's trials."""
-  from batchbench import checkpoint  # pylint: disable=g-import-not-at-top
+  from batchbench.store import checkpoint  # pylint: disable=g-import-not-at-top
   committed, tmp = 0, []
   trials = os.path.join(workdir, "trials")
   for trial_id in os.listdir(trials) if os.path.isdir(trials) else []:
@@ -252,7 +268,7 @@ def _checkpoint_entries(workdir, since=0.0):
 
 
 def _rows_in_file(workdir):
-  from batchbench import results  # pylint: disable=g-import-not-at-top
+  from batchbench.store import results  # pylint: disable=g-import-not-at-top
   rows = []
   path = os.path.join(workdir, results.RESULTS_FILE)
   if not os.path.exists(path):
@@ -266,12 +282,13 @@ def _rows_in_file(workdir):
   return rows
 
 
-def test_sweep_killed_at_random_moments_resumes_to_the_uninterrupted_results(tmp_path):
+def test_sweep_killed_at_random_moments_resumes_to_the_uninterrupted_results(
+    tmp_path, sweep_reference):
   from test_checkpoint import assert_same_result  # pylint: disable=g-import-not-at-top
 
-  reference = _sweep_reference()
+  reference = sweep_reference
   workdir = str(tmp_path / "sweep")
-  cmd = [sys.executable, "-m", "batchbench", "sweep", f"--workdir={workdir}", *SWEEP_FLAGS]
+  cmd = sweep_command(workdir)
   rng = random.Random(4)
   # Kill moments: any time (start-up, compile), while a checkpoint is being written,
   # soon after this run committed a checkpoint, and once the first row is in.
@@ -314,11 +331,13 @@ def test_sweep_killed_at_random_moments_resumes_to_the_uninterrupted_results(tmp
 
 
 def test_torn_last_results_line_is_ignored_and_its_trial_rerun(tmp_path):
-  from batchbench import results, sweep  # pylint: disable=g-import-not-at-top
+  from batchbench.runs import sweep  # pylint: disable=g-import-not-at-top
+  from batchbench.store import results  # pylint: disable=g-import-not-at-top
   from test_checkpoint import RESULT_KEYS, small_config  # pylint: disable=g-import-not-at-top
 
   config = small_config(num_devices=2)
   config.sweep.global_batches, config.sweep.lr_multipliers = (32, 64), (1.0,)
+  config.throughput.min_windows, config.throughput.min_seconds = 3, 0.05
   specs = sweep.expand(config, 8)
   workdir = str(tmp_path)
   sweep.run_sweep(specs, workdir, log=lambda _: None)
@@ -338,38 +357,59 @@ def test_torn_last_results_line_is_ignored_and_its_trial_rerun(tmp_path):
   assert rerun["resumes"] == 1  # rebuilt from the trial's final checkpoint, not retrained
 
 
-if __name__ == "__main__":
-  sys.exit(_child(sys.argv[1:]))
-
-
-def test_sigterm_under_process_isolation_is_forwarded_and_the_sweep_resumes(tmp_path):
+def test_sigterm_under_process_isolation_is_forwarded_and_the_sweep_resumes(
+    tmp_path, sweep_reference):
   """The sweep forwards SIGTERM to the trial's process: exit 75, no row, exact resume."""
-  from batchbench import checkpoint, results  # pylint: disable=g-import-not-at-top
+  from batchbench.store import checkpoint, results  # pylint: disable=g-import-not-at-top
   from test_checkpoint import assert_same_result  # pylint: disable=g-import-not-at-top
 
-  reference = _sweep_reference()
   workdir = str(tmp_path / "sweep")
-  cmd = [sys.executable, "-m", "batchbench", "sweep", "--isolation=process",
-         "--config=configs/digits_mlp.py", f"--workdir={workdir}",
-         "--config.sweep.global_batches=(32,64)", "--config.sweep.lr_multipliers=(1.0,)",
-         "--config.workload_options.hidden=(64,)", "--config.num_devices=2",
-         "--config.target_value=0.95", "--config.checkpoint_every_examples=128",
-         "--config.steps_per_call=8"]
+  # One batch (its throughput point and trial, each in a process of its own).
+  cmd = sweep_command(workdir, "--isolation=process", sweep__global_batches=(32,))
   proc = _popen(cmd, tmp_path / "sweep1")
+  # The trial's first checkpoint: it has a dozen more calls to go, each checkpointed.
   assert _wait_for(lambda: _checkpoint_entries(workdir)[0] >= 1, proc)
   proc.send_signal(signal.SIGTERM)
   _, err = _finish(proc)
-  if proc.returncode == 0:  # both trials happened to finish before the signal landed
-    pytest.skip("sweep finished before SIGTERM arrived")
   assert proc.returncode == checkpoint.PREEMPTED_EXIT_CODE, err[-2000:]
   assert "rerun the same command" in err
-  assert len(_rows_in_file(workdir)) < 2
+  assert _rows_in_file(workdir) == []
 
   again = _popen(cmd, tmp_path / "sweep2")
-  out, err = _finish(again)
+  _, err = _finish(again)
   assert again.returncode == 0, err[-2000:]
-  rows = {r["trial_id"]: r for r in results.read_results(workdir)}
-  assert sorted(rows) == sorted(reference)
-  assert [r["trial_id"] for r in _rows_in_file(workdir)].count(next(iter(rows))) == 1
-  for trial_id, row in rows.items():
-    assert_same_result(row, reference[trial_id])
+  (row,) = _rows_in_file(workdir)
+  assert row["resumes"] == 1  # continued from the checkpoint the preempted process saved
+  assert_same_result(row, sweep_reference[row["trial_id"]])
+  assert row["time_to_target_s"] is not None  # from the point measured before the SIGTERM
+  assert [p["point_id"] for p in results.read_points(workdir)] == [row["point_id"]]
+
+
+def test_sigterm_while_the_trial_process_starts_records_no_outcome(tmp_path, sweep_reference):
+  from batchbench.store import checkpoint  # pylint: disable=g-import-not-at-top
+  from test_checkpoint import assert_same_result  # pylint: disable=g-import-not-at-top
+
+  workdir = str(tmp_path / "sweep")
+  cmd = sweep_command(workdir, "--isolation=process", quiet=False,
+                      sweep__global_batches=(32,))
+  proc = _popen(cmd, tmp_path / "sweep1")
+
+  def starting_the_trial():  # the sweep logged the trial and is starting its process
+    with open(f"{proc.log_prefix}.out", encoding="utf-8") as f:
+      return "[trial 1/1]" in f.read()
+
+  assert _wait_for(starting_the_trial, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, err = _finish(proc)
+  assert _rows_in_file(workdir) == []  # preempted: the trial has no outcome yet
+  assert proc.returncode == checkpoint.PREEMPTED_EXIT_CODE, err[-2000:]
+
+  again = _popen(cmd, tmp_path / "sweep2")
+  _, err = _finish(again)
+  assert again.returncode == 0, err[-2000:]
+  (row,) = _rows_in_file(workdir)
+  assert_same_result(row, sweep_reference[row["trial_id"]])
+
+
+if __name__ == "__main__":
+  sys.exit(_child(sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""Tests of the memory probe: budget parsing, the search, and real compiles on CPU."""
+"""Tests of the memory probe: budget parsing, the search, and real (abstract) compiles on CPU."""
 
 import csv
 import json
@@ -8,24 +8,37 @@ import sys
 
 import jax
 import pytest
+from conftest import REPO, load_config
 
 from batchbench import config as config_lib
-from batchbench import parallel, probe
+from batchbench import fmt
 from batchbench.config import ConfigError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from batchbench.core.mesh import make_mesh
+from batchbench.measure.memory import device_budget_bytes
+from batchbench.runs import probe
 
 
 def tiny_config():
   """digits_mlp with one hidden layer of 32: compiles fast, activations dominate at B>=256."""
-  c = config_lib.default_config()
-  c.workload = "digits_mlp"
+  c = load_config("digits_mlp")
   c.workload_options.hidden = (32,)
   c.max_steps = 8
   return c
 
 
+class FakeDevice:
+  """A device whose runtime reports ``bytes_limit`` (GPU/TPU-like), or nothing."""
 
+  platform = "gpu"
+
+  def __init__(self, limit):
+    self.limit = limit
+
+  def memory_stats(self):
+    return None if self.limit is None else {"bytes_limit": self.limit}
+
+
+# --- budgets ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text,expected", [
     ("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000),
@@ -33,7 +46,7 @@ def tiny_config():
     ("0.5KiB", 512),
 ])
 def test_parse_bytes_accepts_sizes_with_units(text, expected):
-  assert probe.parse_bytes(text) == expected
+  assert fmt.parse_bytes(text) == expected
 
 
 @pytest.mark.parametrize("text,why", [
@@ -44,10 +57,33 @@ def test_parse_bytes_accepts_sizes_with_units(text, expected):
 ])
 def test_parse_bytes_rejects_with_field_value_and_valid(text, why):
   with pytest.raises(ConfigError) as err:
-    probe.parse_bytes(text, "memory_budget")
+    fmt.parse_bytes(text, "memory_budget")
   assert err.value.field == "memory_budget" and err.value.value == text
   assert why in str(err.value) and "GiB" in str(err.value)
 
+
+def test_default_budget_is_device_memory_minus_margin():
+  assert device_budget_bytes([FakeDevice(10_000), FakeDevice(8_000)]) == 7_200
+  assert device_budget_bytes([FakeDevice(None)]) is None
+  assert device_budget_bytes(jax.local_devices()) is None  # CPU
+  budget, source = probe.memory_budget(None, tiny_config(), [FakeDevice(1000)])
+  assert budget == 900 and "minus 10%" in source
+
+
+def test_budget_sources_in_order_argument_config_devices():
+  c = tiny_config()
+  devices = [FakeDevice(1000)]
+  assert probe.memory_budget(None, c) == (None, None)  # no devices given, none configured
+  c.memory_budget_bytes = 5000
+  assert probe.memory_budget(None, c, devices) == (5000, "config.memory_budget_bytes")
+  assert probe.memory_budget(7000, c, devices) == (7000, "--memory_budget")
+  for bad in (0, -1, 1.5, True, "2GiB"):
+    with pytest.raises(ConfigError) as err:
+      probe.memory_budget(bad, c, devices)
+    assert err.value.field == "memory_budget"
+
+
+# --- the search -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", ["linear", "quadratic", "step"])
 def test_search_finds_largest_batch_under_budget(shape):
@@ -78,23 +114,46 @@ def test_fit_memory_recovers_a_line():
   fit = probe.fit_memory(points)
   assert fit["fixed_bytes"] == pytest.approx(4096) and fit["bytes_per_example"] == (
       pytest.approx(100))
-  assert fit["r2"] == pytest.approx(1.0)
+  assert fit["r2"] == pytest.approx(1.0) and fit["max_residual_bytes"] == pytest.approx(0, abs=1e-6)
   assert probe.fit_memory(points[:1]) is None
 
 
+# --- real probes: abstract compiles through the builder ---------------------------------
+
 @pytest.fixture(name="probed", scope="module")
 def fixture_probed(tmp_path_factory):
-  """One real probe on 8 devices between batches 256 and 512, its budget between them."""
+  """One real probe on 8 devices between batches 256 and 512, its budget between them.
+
+  The first probe runs under a transfer guard that refuses every host-to-device copy,
+  with ``build`` watched: it must compile abstract programs and place nothing.
+  """
   workdir = str(tmp_path_factory.mktemp("probe"))
-  config, cache = tiny_config(), {}
-  first = probe.run_probe(config, workdir, memory_budget_bytes=2**30, max_batch=512,
-                          min_batch=256, cache=cache, log=None)
+  config, cache, builds = tiny_config(), {}, []
+  real_build = probe.build
+
+  def watched_build(spec, **kwargs):
+    builds.append((spec.global_batch, kwargs))
+    return real_build(spec, **kwargs)
+
+  live_before = {id(a) for a in jax.live_arrays()}
+  with pytest.MonkeyPatch.context() as patch, jax.transfer_guard("disallow_explicit"):
+    patch.setattr(probe, "build", watched_build)
+    first = probe.run_probe(config, workdir, memory_budget_bytes=2**30, max_batch=512,
+                            min_batch=256, cache=cache, log=None)
+  new_arrays = [a for a in jax.live_arrays() if id(a) not in live_before]
   peaks = {p["global_batch"]: p["peak_bytes"] for p in first["points"]}
   budget = (peaks[256] + peaks[512]) // 2
   result = probe.run_probe(config, workdir, memory_budget_bytes=budget, max_batch=512,
                            min_batch=256, cache=cache, log=None)
   return {"workdir": workdir, "first": first, "result": result, "budget": budget,
-          "cache": cache, "config": config}
+          "cache": cache, "config": config, "builds": builds, "new_arrays": new_arrays}
+
+
+def test_probe_compiles_abstract_programs_and_places_nothing(probed):
+  # Every compile went through the one builder, abstract, once per batch.
+  assert sorted(b for b, _ in probed["builds"]) == [256, 512]
+  assert all(kwargs.get("abstract") is True for _, kwargs in probed["builds"])
+  assert probed["new_arrays"] == []  # and the transfer guard saw no host-to-device copy
 
 
 def test_probe_compiled_bytes_grow_with_batch(probed):
@@ -110,6 +169,9 @@ def test_probe_compiled_bytes_grow_with_batch(probed):
     assert large["temp_bytes"] > small["temp_bytes"]
     assert large["flops_per_step"] > small["flops_per_step"]
   assert points[-1]["flops_per_step"] == pytest.approx(2 * points[0]["flops_per_step"], rel=0.02)
+  for p in points:  # the peak is computed from XLA's parts
+    assert p["peak_bytes"] == (p["argument_bytes"] + p["output_bytes"] + p["temp_bytes"]
+                               - p["alias_bytes"])
   fit = probed["result"]["fit"]
   assert fit["bytes_per_example"] > 0 and fit["r2"] > 0.99
 
@@ -119,6 +181,8 @@ def test_probe_answer_checked_against_direct_compiles(probed):
   answer = result["answer"]
   assert answer["limited_by"] == "memory_budget" and 256 <= answer["global_batch"] < 512
   assert answer["next_batch"] == answer["global_batch"] + 8
+  assert [p["fits"] for p in result["points"]] == [
+      p["peak_bytes"] <= budget for p in result["points"]]
 
   def direct_peak(batch):  # a fresh compile, not the probe's cache
     spec = config_lib.resolve(probe.with_fields(probed["config"], global_batch=batch), 8)
@@ -152,7 +216,8 @@ def test_budget_below_smallest_batch_is_a_clear_error(probed, tmp_path, no_compi
   assert err.value.field == "memory_budget"
   assert "smallest global batch 256" in str(err.value)
   assert f"{smallest['peak_bytes']:,} bytes" in str(err.value)
-  assert not (tmp_path / "wd").exists()
+  # Known only from a compiled peak, so after open_workdir made the directory: nothing in it.
+  assert os.listdir(tmp_path / "wd") == []
 
 
 @pytest.mark.parametrize("field,kwargs", [
@@ -168,27 +233,10 @@ def test_bad_probe_input_fails_before_compiling(field, kwargs, tmp_path, no_comp
   assert not (tmp_path / "wd").exists()
 
 
-def test_default_budget_is_device_memory_minus_margin():
-  class Device:
-    platform = "gpu"
-
-    def __init__(self, limit):
-      self.limit = limit
-
-    def memory_stats(self):
-      return None if self.limit is None else {"bytes_limit": self.limit}
-
-  assert probe.device_budget_bytes([Device(10_000), Device(8_000)]) == 7_200
-  assert probe.device_budget_bytes([Device(None)]) is None
-  assert probe.device_budget_bytes(jax.local_devices()) is None  # CPU
-  budget, source = probe.resolve_budget(None, tiny_config(), [Device(1000)])
-  assert budget == 900 and "minus 10%" in source
-
-
 def test_cli_bad_budget_exits_2_before_creating_anything(tmp_path):
   workdir = tmp_path / "wd"
   cmd = [sys.executable, "-m", "batchbench", "probe",
-         f"--config={os.path.join(REPO, 'configs', 'digits_mlp.py')}",
+         f"--config={REPO / 'configs' / 'digits_mlp.py'}",
          f"--workdir={workdir}", "--memory_budget=1000000"]
   out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
                        check=False)
@@ -201,4 +249,4 @@ def test_cli_bad_budget_exits_2_before_creating_anything(tmp_path):
 def test_measure_device_peak_runs_real_steps_but_reports_none_on_cpu():
   """The GPU/TPU comparison path runs its steps on CPU too; CPU reports no peak to compare."""
   spec = config_lib.resolve(probe.with_fields(tiny_config(), global_batch=16), 8)
-  assert probe.measure_device_peak(spec, parallel.make_mesh(8), calls=2, log=None) is None
+  assert probe.measure_device_peak(spec, make_mesh(8), calls=2, log=None) is None

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from batchbench.workloads.base import ArrayData
+from batchbench.data.arrays import ArrayData
 
 SPLIT_SEED = 0
 
@@ -24,10 +24,11 @@ def digits(num_train: int = 1437) -> ArrayData:
   order = np.random.default_rng(SPLIT_SEED).permutation(len(x))
   x = (x[order] / 16.0).astype(np.float32)
   y = y[order].astype(np.int32)
-  return ArrayData(x[:num_train], y[:num_train], x[num_train:], y[num_train:])
+  return ArrayData.classification(x[:num_train], y[:num_train], x[num_train:], y[num_train:])
 
 
 def default_cache_dir() -> str:
+  """Where generated datasets are cached: ``$BATCHBENCH_CACHE``, else ~/.cache/batchbench."""
   return os.environ.get("BATCHBENCH_CACHE") or os.path.join(
       os.path.expanduser("~"), ".cache", "batchbench")
 
@@ -57,18 +58,18 @@ def mnist1d(num_train: int = 10_000, num_test: int = 2_500, seed: int = 42,
   if os.path.exists(path):
     try:
       with np.load(path) as z:
-        return ArrayData(z["train_x"], z["train_y"], z["test_x"], z["test_y"])
+        return ArrayData.classification(z["train_x"], z["train_y"], z["test_x"], z["test_y"])
     except (OSError, ValueError, KeyError):
       pass  # unreadable cache: regenerate below
   d = make_dataset(args)
-  data = ArrayData(d["x"][:num_train].astype(np.float32), d["y"][:num_train].astype(np.int32),
-                   d["x_test"][:num_test].astype(np.float32),
-                   d["y_test"][:num_test].astype(np.int32))
+  data = ArrayData.classification(
+      d["x"][:num_train].astype(np.float32), d["y"][:num_train].astype(np.int32),
+      d["x_test"][:num_test].astype(np.float32), d["y_test"][:num_test].astype(np.int32))
   try:
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}.npz"
-    np.savez(tmp, train_x=data.train_x, train_y=data.train_y, test_x=data.test_x,
-             test_y=data.test_y)
+    np.savez(tmp, train_x=data.train["inputs"], train_y=data.train["labels"],
+             test_x=data.test["inputs"], test_y=data.test["labels"])
     os.replace(tmp, path)
   except OSError:
     pass  # a cache we cannot write only costs regeneration time

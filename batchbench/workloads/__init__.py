@@ -1,10 +1,10 @@
 """Workload registry; importing it registers the built-in workloads."""
 
 from batchbench.workloads import builtin  # noqa: F401  (registers built-ins)
-from batchbench.workloads.base import (ArrayData, Metric, Target, Workload,
-                                       classification_workload, get_workload,
-                                       register_workload, workload_names,
+from batchbench.workloads.base import (Batch, LossOutput, Metric, Target, Workload,
+                                       get_workload, register_workload, workload_names,
                                        workload_options)
+from batchbench.workloads.classification import classification_workload
 
-__all__ = ["ArrayData", "Metric", "Target", "Workload", "classification_workload",
+__all__ = ["Batch", "LossOutput", "Metric", "Target", "Workload", "classification_workload",
            "get_workload", "register_workload", "workload_names", "workload_options"]

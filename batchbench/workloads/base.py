@@ -1,9 +1,20 @@
 """What a workload is: data plus pure functions, and the registry that names them.
 
-A workload is a frozen dataclass: how to initialise parameters, the loss as a
-*sum* with a count of valid examples (so padding and sharding normalise
-correctly), the evaluation metrics as sums, the data, and the target that
-defines "trained". Variants come from ``dataclasses.replace``.
+A workload is a frozen dataclass (AlgoPerf's shape, without its class tree):
+
+* ``init(rng, batch_spec) -> (params, model_state)``: ``batch_spec`` is a batch of
+  ``jax.ShapeDtypeStruct`` (``Workload.batch_spec(n)``), so integer token inputs
+  or images initialise the model with their own shapes and dtypes;
+  ``model_state`` holds mutable model variables such as BatchNorm statistics
+  (``{}`` when there are none).
+* ``loss(params, model_state, batch, rng) -> LossOutput``: the loss as a *sum*
+  over valid examples with their count (so padding and sharding normalise
+  correctly) and the updated model state; ``rng`` is a fresh key per step and
+  micro-batch (dropout, augmentation).
+* ``eval_sums(params, model_state, batch) -> {name: sum, "count": n}``.
+
+A batch is a dict of arrays with the examples on axis 0 plus ``"mask"`` (1.0 for
+real examples, 0.0 for padding). Variants come from ``dataclasses.replace``.
 
 Registering your own model and data takes a few lines::
 
@@ -11,7 +22,7 @@ Registering your own model and data takes a few lines::
   def my_mlp(hidden: int = 128):
     return batchbench.classification_workload(
         "my_mlp", model=MyFlaxModule(hidden), input_shape=(64,), num_classes=10,
-        data=lambda: batchbench.ArrayData(x_train, y_train, x_test, y_test),
+        data=lambda: batchbench.ArrayData.classification(x_train, y_train, x_test, y_test),
         target=batchbench.Target("accuracy", 0.9), reference_batch=32)
 """
 
@@ -20,15 +31,15 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+
+from batchbench.data.arrays import ArrayData
 
 PyTree = Any
+Batch = dict[str, jax.Array]
+
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -43,20 +54,6 @@ class Target:
 
 
 @dataclasses.dataclass(frozen=True)
-class ArrayData:
-  """An in-memory dataset; small enough to live on every device."""
-
-  train_x: np.ndarray
-  train_y: np.ndarray
-  test_x: np.ndarray
-  test_y: np.ndarray
-
-  @property
-  def num_train(self) -> int:
-    return int(self.train_x.shape[0])
-
-
-@dataclasses.dataclass(frozen=True)
 class Metric:
   """An evaluation metric: its valid range and which way is better."""
 
@@ -65,95 +62,62 @@ class Metric:
   direction: str
 
 
+class LossOutput(NamedTuple):
+  """What a workload's ``loss`` returns."""
+
+  loss_sum: jax.Array  # sum of per-example losses over valid examples
+  count: jax.Array  # number of valid examples (the sum of the mask)
+  model_state: PyTree  # the updated mutable model state ({} when there is none)
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
   """A model, its data, its loss and metrics, and its target.
 
   Attributes:
     name: registry name.
-    init: ``rng -> params``.
-    loss: ``(params, x, y, mask) -> (loss_sum, count)``; ``mask`` is 1.0 for
-      real examples, 0.0 for padding.
-    eval_sums: ``(params, x, y, mask) -> {name: sum}``, including ``count``.
+    init: ``(rng, batch_spec) -> (params, model_state)``.
+    loss: ``(params, model_state, batch, rng) -> LossOutput``.
+    eval_sums: ``(params, model_state, batch) -> {name: sum}``, including ``count``.
     metrics: metric name -> valid range and direction; a metric value is
       ``eval_sums[name] / eval_sums["count"]``.
-    input_shape: shape of one example.
-    input_dtype: dtype of an example.
-    num_classes: labels are ints in ``[0, num_classes)``.
-    data: ``() -> ArrayData``, or None for a synthetic workload whose inputs
-      are generated on the device.
-    train_size: examples in the training set (known without loading it), or
-      None for synthetic data.
+    example_spec: field name -> ``jax.ShapeDtypeStruct`` of one example (no batch axis).
+    data: ``() -> ArrayData``: an embedded dataset, placed on every device; or None.
+    synthetic_batch: ``(rng, n) -> batch`` of ``n`` examples drawn on the device, for
+      throughput-only workloads (``data`` is None); the harness adds the mask.
+    gather: ``(train_arrays, indices) -> batch`` for embedded data whose examples are
+      not rows (e.g. token windows cut from one stream); None takes rows of every array.
+    train_size: examples in the training set (known without loading it), or None.
     target: default target, or None (throughput only).
     reference_batch: batch at which the default learning rate was tuned.
   """
 
   name: str
-  init: Callable[[jax.Array], PyTree]
-  loss: Callable[..., tuple[jax.Array, jax.Array]]
-  eval_sums: Callable[..., dict[str, jax.Array]]
+  init: Callable[[jax.Array, Batch], tuple[PyTree, PyTree]]
+  loss: Callable[[PyTree, PyTree, Batch, jax.Array], LossOutput]
+  eval_sums: Callable[[PyTree, PyTree, Batch], dict[str, jax.Array]]
   metrics: Mapping[str, Metric]
-  input_shape: tuple[int, ...]
-  num_classes: int
+  example_spec: Mapping[str, jax.ShapeDtypeStruct]
   data: Callable[[], ArrayData] | None
   train_size: int | None
   target: Target | None
   reference_batch: int
-  input_dtype: Any = jnp.float32
+  synthetic_batch: Callable[[jax.Array, int], Batch] | None = None
+  gather: Callable[[Mapping[str, jax.Array], jax.Array], Batch] | None = None
+
+  def __post_init__(self):
+    if (self.data is None) == (self.synthetic_batch is None):
+      raise ValueError(f"workload {self.name!r}: give exactly one of data (embedded) or "
+                       "synthetic_batch (drawn on the device)")
 
   @property
   def synthetic(self) -> bool:
     return self.data is None
 
-
-CLASSIFICATION_METRICS = {
-    "accuracy": Metric(0.0, 1.0, "max"),
-    "loss": Metric(0.0, float("inf"), "min"),
-}
-
-
-def classification_workload(name: str, *, model: nn.Module, input_shape: tuple[int, ...],
-                            num_classes: int, data: Callable[[], ArrayData] | None,
-                            train_size: int | None = None, target: Target | None = None,
-                            reference_batch: int = 32) -> Workload:
-  """Builds a softmax cross-entropy classification workload around a Flax module.
-
-  Args:
-    name: registry name.
-    model: a Flax linen module mapping a batch of inputs to logits.
-    input_shape: shape of one example.
-    num_classes: number of classes.
-    data: returns the dataset; None for synthetic inputs generated on device.
-    train_size: training-set size if known without loading ``data`` (used to
-      validate batch sizes before anything runs).
-    target: default target (metric ``accuracy`` or ``loss``), or None.
-    reference_batch: batch at which the default learning rate was tuned.
-
-  Returns:
-    The workload.
-  """
-
-  def init(rng):
-    return model.init(rng, jnp.zeros((1, *input_shape), jnp.float32))["params"]
-
-  def per_example(params, x, y):
-    logits = model.apply({"params": params}, x)
-    return logits, optax.softmax_cross_entropy_with_integer_labels(logits, y)
-
-  def loss(params, x, y, mask):
-    _, losses = per_example(params, x, y)
-    return jnp.sum(losses * mask), jnp.sum(mask)
-
-  def eval_sums(params, x, y, mask):
-    logits, losses = per_example(params, x, y)
-    correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
-    return {"loss": jnp.sum(losses * mask), "accuracy": jnp.sum(correct * mask),
-            "count": jnp.sum(mask)}
-
-  return Workload(name=name, init=init, loss=loss, eval_sums=eval_sums,
-                  metrics=CLASSIFICATION_METRICS, input_shape=tuple(input_shape),
-                  num_classes=num_classes, data=data, train_size=train_size, target=target,
-                  reference_batch=reference_batch)
+  def batch_spec(self, n: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of a batch of ``n`` examples (without the mask)."""
+    return {k: jax.ShapeDtypeStruct((n, *s.shape), s.dtype)
+            for k, s in self.example_spec.items()}
 
 
 _REGISTRY: dict[str, Callable[..., Workload]] = {}
@@ -192,6 +156,10 @@ def get_workload(name: str, options: Mapping[str, Any] | None = None) -> Workloa
   known = workload_options(name)
   unknown = sorted(set(options) - set(known))
   if unknown:
-    raise TypeError(f"workload {name!r} has no option(s) {unknown}; its options are "
-                    f"{sorted(known)}")
+    raise TypeError(f"workload {name} has no option(s) {', '.join(unknown)}; its options "
+                    f"are {', '.join(sorted(known))}")
   return _REGISTRY[name](**options)
+
+
+__all__ = ["ArrayData", "Batch", "LossOutput", "Metric", "Target", "Workload", "get_workload",
+           "register_workload", "workload_names", "workload_options"]

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import functools
 
-
 from batchbench.data import embedded
 from batchbench.models import CNN, CNN1D, MLP
-from batchbench.workloads.base import (Target, Workload, classification_workload,
-                                       register_workload)
+from batchbench.workloads.base import Target, Workload, register_workload
+from batchbench.workloads.classification import classification_workload
 
 DIGITS_TRAIN = 1437
 
@@ -61,5 +60,3 @@ def synthetic_cnn(image_size: int = 28) -> Workload:
   return classification_workload("synthetic_cnn", model=CNN(),
                                  input_shape=(image_size, image_size, 1), num_classes=10,
                                  data=None)
-
-

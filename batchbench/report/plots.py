@@ -16,17 +16,21 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
+from batchbench.report.files import save_figure
+
 Row = dict[str, Any]
 
 CAPTIONS = {
-    "throughput.png": "Samples/sec vs global batch (median over timing windows; "
-                      "error bars span the interquartile range).",
+    "throughput.png": "Samples/sec vs global batch, from each batch's throughput phase "
+                      "(median over its timed windows; error bars span the interquartile "
+                      "range).",
     "steps_to_target.png": "Steps to target vs global batch; the dashed line is perfect "
                            "scaling (steps proportional to 1/batch) through the smallest "
                            "batch that reached the target.",
-    "time_to_target.png": "Time to target vs global batch: training seconds only, and "
-                          "wall seconds including compile and eval.",
-    "memory.png": "Memory of the compiled train step vs global batch.",
+    "time_to_target.png": "Time to target vs global batch: steps to target x measured step "
+                          "time, and the median trial's own wall seconds including compile "
+                          "and evals.",
+    "memory.png": "Memory of the compiled train step vs global batch (throughput program).",
     "curves.png": "Eval metric and loss vs examples seen, one line per batch (best "
                   "trial). The loss axis says whether it is the train or the eval loss.",
 }
@@ -62,7 +66,7 @@ def _throughput(fig, best: list[Row], _) -> str | None:
   return None
 
 
-def _steps_to_target(fig, best: list[Row], perfect_batch: int | None) -> str | None:
+def _steps_to_target(fig, best: list[Row], _) -> str | None:
   rows = [r for r in best if _reached(r)]
   if not rows:
     return "no batch reached the target (or the workload has no target)"
@@ -72,9 +76,6 @@ def _steps_to_target(fig, best: list[Row], perfect_batch: int | None) -> str | N
   ax.plot(batches, steps, marker="o", label="measured (best LR)")
   ax.plot(batches, [steps[0] * batches[0] / b for b in batches], "--", color="gray",
           label="perfect scaling (steps ∝ 1/batch)")
-  if perfect_batch is not None:
-    ax.axvline(perfect_batch, color="green", alpha=0.5, linestyle=":",
-               label=f"largest perfect-scaling batch ({perfect_batch})")
   ax.set_yscale("log")
   _batch_axis(ax, batches)
   ax.set_ylabel("steps to target")
@@ -90,12 +91,12 @@ def _time_to_target(fig, best: list[Row], _) -> str | None:
   batches = [r["global_batch"] for r in rows]
   ax = fig.subplots()
   ax.plot(batches, [r["time_to_target_s"] for r in rows], marker="o",
-          label="training only")
+          label="steps x step time")
   wall = [(r["global_batch"], r["time_to_target_wall_s"]) for r in rows
           if r.get("time_to_target_wall_s") is not None]
   if wall:
     ax.plot(*zip(*wall, strict=True), marker="s", label="wall (incl. compile and eval)")
-  ax.set_ylim(bottom=0)
+  ax.set_yscale("log")
   _batch_axis(ax, batches)
   ax.set_ylabel("seconds to target")
   ax.set_title("Time to target")
@@ -106,8 +107,9 @@ def _time_to_target(fig, best: list[Row], _) -> str | None:
 def _memory(fig, best: list[Row], _) -> str | None:
   series = {"XLA peak": "peak_bytes", "XLA temp": "temp_bytes",
             "device peak": "device_peak_bytes"}
-  points = {label: [(r["global_batch"], r["memory"][key] / _MIB) for r in best
-                    if (r.get("memory") or {}).get(key) is not None]
+  memory = {r["global_batch"]: (r.get("point") or {}).get("memory") or r.get("memory") or {}
+            for r in best}
+  points = {label: [(b, m[key] / _MIB) for b, m in memory.items() if m.get(key) is not None]
             for label, key in series.items()}
   points = {label: p for label, p in points.items() if p}
   if not points:
@@ -189,13 +191,13 @@ _DRAW: dict[str, Callable[..., str | None]] = {
 
 
 def write_plots(best: list[Row], out_dir: str,
-                perfect_batch: int | None = None) -> tuple[dict[str, str], dict[str, str]]:
+                extra: Any = None) -> tuple[dict[str, str], dict[str, str]]:
   """Draws every plot that has data into ``out_dir``, each PNG written atomically.
 
   Args:
     best: per-batch rows from ``report.best_per_batch``, sorted by global batch.
     out_dir: existing directory to write the PNGs into.
-    perfect_batch: largest perfect-scaling batch, marked on the steps plot.
+    extra: passed to every drawing function (reserved for the critical-batch fit).
 
   Returns:
     ``(written, skipped)``: file name -> path of each PNG written, and file
@@ -206,15 +208,13 @@ def write_plots(best: list[Row], out_dir: str,
   for name, draw in _DRAW.items():
     fig = Figure(figsize=(11, 4) if name == "curves.png" else (6.5, 4.2), dpi=100,
                  layout="constrained")
-    reason = draw(fig, best, perfect_batch)
+    reason = draw(fig, best, extra)
     path = os.path.join(out_dir, name)
     if reason:
       skipped[name] = reason
       if os.path.exists(path):  # a stale plot from an earlier report would mislead
         os.remove(path)
       continue
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    save_figure(fig, path)
     written[name] = path
   return written, skipped

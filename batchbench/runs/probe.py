@@ -3,7 +3,7 @@
 ``run_probe`` compiles (never runs) the train call a trial would run at global
 batches ``u, 2u, 4u, ...`` (``u`` = data-parallel devices x accum_steps) up to a
 cap, reads XLA's per-device memory figures (argument, output, alias and temp
-bytes, and the peak computed from them: ``parallel.CompiledCall.memory``) and
+bytes, and the peak computed from them: ``measure.memory.compiled_memory``) and
 FLOPs per step, stops at the first batch whose compiled peak exceeds the budget,
 and searches (interpolation, then bisection) between the last batch that fits
 and that one, over multiples of ``u``. A least-squares line
@@ -26,36 +26,26 @@ runtime's ``peak_bytes_in_use`` with the prediction.
 
 from __future__ import annotations
 
-import csv
-import decimal
-import io
-import json
 import math
 import os
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from matplotlib.figure import Figure
 
-from batchbench import parallel
-from batchbench.config import ConfigError, TrialSpec, check_workdir, resolve
-from batchbench.data import device as device_data
-from batchbench.report import format_bytes  # noqa: F401  (also used by the CLI)
-from batchbench.results import atomic_write_text
+from batchbench.config import ConfigError, TrialSpec, open_workdir, resolve
+from batchbench.config.errors import positive_int
+from batchbench.core.mesh import make_mesh
+from batchbench.core.program import build
+from batchbench.fmt import SIZE_HELP, format_bytes, format_table
+from batchbench.measure.memory import device_budget_bytes
+from batchbench.report.files import write_outputs
 from batchbench.workloads import get_workload
 
 PROBE_DIR = "probe"
 DEFAULT_MAX_BATCH = 2**16
-DEVICE_MEMORY_MARGIN = 0.10  # the default budget leaves this fraction of device memory free
-UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_SIZE = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)\s*$")
-_SIZE_HELP = ("a positive size with a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), "
-              "e.g. 2GiB or 512MiB")
 POINT_COLUMNS = ("global_batch", "per_device_batch", "num_devices", "accum_steps",
                  "steps_per_call", "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
                  "generated_code_bytes", "peak_bytes", "flops_per_step", "compile_s", "fits",
@@ -63,69 +53,29 @@ POINT_COLUMNS = ("global_batch", "per_device_batch", "num_devices", "accum_steps
 Log = Callable[[str], None]
 
 
-def parse_bytes(text: str, field: str = "memory_budget") -> int:
-  """Parses a memory size with a unit, e.g. ``"2GiB"``, ``"512 MiB"``, ``"1.5GB"``.
+def memory_budget(memory_budget_bytes: int | None, config: ml_collections.ConfigDict,
+                  devices: Sequence[Any] | None = None) -> tuple[int | None, str | None]:
+  """The per-device memory budget and where it came from.
 
-  Units are case-insensitive: B, KB/MB/GB/TB (powers of 1000) and KiB/MiB/GiB/TiB
-  (powers of 1024). A bare number is rejected: "1000000" is too easily meant as
-  something other than bytes.
-
-  Raises:
-    ConfigError: naming ``field``, for anything else (no unit, an unknown unit,
-      zero, a negative size, less than one byte, not a size at all).
-  """
-  match = _SIZE.match(text) if isinstance(text, str) else None
-  if match is None:
-    raise ConfigError(field, text, _SIZE_HELP)
-  number, unit = decimal.Decimal(match.group(1)), match.group(2).lower()
-  if not unit:
-    raise ConfigError(field, text, f"a unit is required: {_SIZE_HELP}")
-  if unit not in UNITS:
-    raise ConfigError(field, text, f"unknown unit {match.group(2)!r}: {_SIZE_HELP}")
-  if number <= 0:
-    raise ConfigError(field, text, f"must be positive: {_SIZE_HELP}")
-  value = int(number * UNITS[unit])
-  if value < 1:
-    raise ConfigError(field, text, f"must be at least one byte: {_SIZE_HELP}")
-  return value
-
-
-def device_budget_bytes(devices: Sequence[Any]) -> int | None:
-  """The smallest ``bytes_limit`` the runtime reports over ``devices``, minus 10%.
-
-  Returns None where the runtime reports no memory (CPU).
-  """
-  limits = []
-  for device in devices:
-    try:
-      stats = device.memory_stats()
-    except Exception:  # pylint: disable=broad-except  (not implemented on some backends)
-      stats = None
-    if stats and stats.get("bytes_limit"):
-      limits.append(int(stats["bytes_limit"]))
-  return int(min(limits) * (1 - DEVICE_MEMORY_MARGIN)) if limits else None
-
-
-def resolve_budget(memory_budget_bytes: int | None, config: ml_collections.ConfigDict,
-                   devices: Sequence[Any]) -> tuple[int, str]:
-  """The per-device budget and where it came from: argument, config, device memory.
+  In order: the argument (``--memory_budget``), ``config.memory_budget_bytes``, and,
+  when ``devices`` are given, their reported memory minus 10%; else ``(None, None)``.
 
   Raises:
-    ConfigError: no budget anywhere (the CPU runtime reports no device memory).
+    ConfigError: a budget that is not a positive number of bytes.
   """
-  if memory_budget_bytes is not None:
-    if not isinstance(memory_budget_bytes, int) or memory_budget_bytes < 1:
-      raise ConfigError("memory_budget", memory_budget_bytes, _SIZE_HELP)
-    return memory_budget_bytes, "--memory_budget"
-  if config.get("memory_budget_bytes") is not None:
-    return int(config.memory_budget_bytes), "config.memory_budget_bytes"
-  budget = device_budget_bytes(devices)
-  if budget is None:
-    platform = devices[0].platform if devices else "this"
-    raise ConfigError("memory_budget", None,
-                      f"the {platform} runtime reports no device memory to default to; pass "
-                      "--memory_budget with a unit, e.g. --memory_budget=2GiB")
-  return budget, f"device bytes_limit minus {DEVICE_MEMORY_MARGIN:.0%}"
+  for value, source in ((memory_budget_bytes, "--memory_budget"),
+                        (config.get("memory_budget_bytes"), "config.memory_budget_bytes")):
+    if value is not None:
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError("memory_budget", value, SIZE_HELP)
+      return value, source
+  budget = device_budget_bytes(devices) if devices else None
+  return (budget, "device bytes_limit minus 10%") if budget else (None, None)
+
+
+def positive(value: Any, field: str) -> int:
+  """``value`` if it is a positive int, else a ``ConfigError`` naming ``field``."""
+  return positive_int(value, field)
 
 
 def with_fields(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
@@ -136,7 +86,7 @@ def with_fields(config: ml_collections.ConfigDict, **fields: Any) -> ml_collecti
   return c
 
 
-def compiled_memory(spec: TrialSpec, mesh=None, *, workload=None, arrays=None,
+def compiled_memory(spec: TrialSpec, mesh=None, *, arrays=None,
                     flops: bool = True) -> dict[str, Any]:
   """Compiles ``spec``'s train call on abstract inputs and returns what XLA reports.
 
@@ -146,22 +96,16 @@ def compiled_memory(spec: TrialSpec, mesh=None, *, workload=None, arrays=None,
   Args:
     spec: the resolved trial.
     mesh: its mesh (default: a ``data`` mesh of ``spec.num_devices``).
-    workload: the built workload, if the caller has it.
     arrays: the loaded dataset, if the caller has it (only shapes are used).
-    flops: also lower one step for XLA's FLOP count (``parallel.flops_per_step``).
+    flops: also lower one step for XLA's FLOP count.
 
   Returns:
-    ``CompiledCall.memory`` (per-device bytes, ``peak_bytes`` among them) plus
+    The compiled call's memory (per-device bytes, ``peak_bytes`` among them) plus
     ``compile_s`` and ``flops_per_step`` (None unless ``flops``).
   """
-  workload = workload or get_workload(spec.workload, dict(spec.workload_options))
-  mesh = mesh or parallel.make_mesh(spec.num_devices)
-  tx = parallel.make_optimizer(spec)
-  state = parallel.abstract_state(workload, spec, mesh, tx)
-  data = parallel.abstract_train_data(workload, mesh, arrays)
-  call = parallel.compile_train_call(workload, spec, mesh, tx, state, data)
-  step_flops = parallel.flops_per_step(workload, spec, mesh, tx, state, data) if flops else None
-  return {**call.memory, "compile_s": call.compile_s, "flops_per_step": step_flops}
+  program = build(spec, mesh=mesh, abstract=True, flops=flops, arrays=arrays)
+  return {**program.train.memory, "compile_s": program.train.compile_s,
+          "flops_per_step": program.flops_per_step}
 
 
 def compiled_peak_bytes(spec: TrialSpec, mesh=None) -> int | None:
@@ -295,10 +239,15 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str, *,
   start = unit if min_batch is None else _positive_multiple(min_batch, "min_batch", unit, what)
   if start > cap:
     raise ConfigError("min_batch", start, f"must be at most the largest batch probed ({cap})")
-  budget, source = resolve_budget(memory_budget_bytes, config, jax.local_devices()[:available])
-  workdir = check_workdir(workdir)
+  local = jax.local_devices()[:available]
+  budget, source = memory_budget(memory_budget_bytes, config, local)
+  if budget is None:
+    raise ConfigError("memory_budget", None,
+                      f"the {local[0].platform} runtime reports no device memory to default "
+                      "to; pass --memory_budget with a unit, e.g. --memory_budget=2GiB")
+  workdir = open_workdir(workdir)
 
-  mesh = parallel.make_mesh(base.num_devices)
+  mesh = make_mesh(base.num_devices)
   workload = get_workload(base.workload, dict(base.workload_options))
   arrays = None if workload.synthetic else workload.data()
   cache = {} if cache is None else cache
@@ -311,7 +260,7 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str, *,
   def peak_at(batch: int) -> int:
     spec = resolve(with_fields(config, global_batch=batch), available)
     if spec.trial_id not in cache:
-      cache[spec.trial_id] = compiled_memory(spec, mesh, workload=workload, arrays=arrays)
+      cache[spec.trial_id] = compiled_memory(spec, mesh, arrays=arrays)
     point = {"global_batch": batch, "per_device_batch": spec.per_device_batch,
              "num_devices": spec.num_devices, "accum_steps": spec.accum_steps,
              "steps_per_call": spec.steps_per_call, **cache[spec.trial_id]}
@@ -376,15 +325,11 @@ def measure_device_peak(spec: TrialSpec, mesh, calls: int = 3,
     ``{"predicted_peak_bytes", "measured_peak_bytes", "ratio"}`` (measured /
     predicted), or None where the runtime reports no memory.
   """
-  workload = get_workload(spec.workload, dict(spec.workload_options))
-  tx = parallel.make_optimizer(spec)
-  state = parallel.init_state(workload, spec, mesh, tx)
-  data = () if workload.synthetic else device_data.put_train_data(workload.data(), mesh)
-  call = parallel.compile_train_call(workload, spec, mesh, tx, state, data)
-  feed = parallel.make_feed(workload, spec)
+  program = build(spec, mesh=mesh, flops=False)
+  state, feed, call = program.init_state(spec.seed, spec.lr), program.feed(spec.seed), program.train
   for i in range(calls):
-    state, losses, _ = call(state, data, feed(i * spec.steps_per_call))
-  jax.block_until_ready((state, losses))
+    state, metrics = call(state, program.data, feed(i * program.steps_per_call))
+  jax.block_until_ready((state, metrics))
   peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in mesh.devices.flat]
   peaks = [int(p) for p in peaks if p is not None]
   if not peaks or not call.memory.get("peak_bytes"):
@@ -432,44 +377,6 @@ def format_probe(result: dict[str, Any]) -> str:
                  f"({format_bytes(m['measured_peak_bytes'])} / "
                  f"{format_bytes(m['predicted_peak_bytes'])})")
   return "\n".join(lines)
-
-
-def format_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-  """Right-aligned plain-text columns."""
-  widths = [max(len(str(r[i])) for r in (head, *body)) for i in range(len(head))]
-  return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True))
-                   for r in (head, *body))
-
-
-def write_outputs(out_dir: str, stem: str, payload: dict[str, Any],
-                  rows: Sequence[dict[str, Any]], columns: Sequence[str],
-                  draw: Callable[[Any], None]) -> dict[str, str]:
-  """Writes ``stem.json`` (payload), ``stem.csv`` (rows) and ``stem.png``, atomically.
-
-  Returns:
-    Kind (json, csv, png) -> path.
-  """
-  os.makedirs(out_dir, exist_ok=True)
-  paths = {kind: os.path.join(out_dir, f"{stem}.{kind}") for kind in ("json", "csv", "png")}
-  text = io.StringIO()
-  writer = csv.DictWriter(text, fieldnames=list(columns), extrasaction="ignore")
-  writer.writeheader()
-  writer.writerows(rows)
-  atomic_write_text(paths["csv"], text.getvalue())
-  fig = Figure(figsize=(7, 4.4), dpi=100, layout="constrained")
-  draw(fig)
-  tmp = f"{paths['png']}.tmp.{os.getpid()}"
-  fig.savefig(tmp, format="png")
-  os.replace(tmp, paths["png"])
-  atomic_write_text(paths["json"], json.dumps({**payload, "files": paths}, indent=2,
-                                              default=_jsonable, allow_nan=False))
-  return paths
-
-
-def _jsonable(value: Any) -> Any:
-  if hasattr(value, "tolist"):
-    return value.tolist()
-  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _plot(fig, result: dict[str, Any]) -> None:

@@ -1,28 +1,19 @@
-"""Device-resident datasets and the per-call example indices that feed them.
+"""The example indices of each compiled call, as a pure function of the step.
 
-Embedded datasets are small, so the whole training and test set is put on every
-device once; a train call then receives only the example indices of its steps
-(``steps_per_call x accum_steps x micro_batch`` int32, sharded along the batch)
-and gathers its batches on device. The host never copies examples per step.
-
-Shuffling is a fresh permutation per epoch drawn from ``(seed, epoch)``, and the
-indices of a step are a pure function of the step number, so the data position
-of a run is just its step count (what a checkpoint needs to resume exactly).
+Embedded datasets live on every device; a train call receives only the example
+indices of its steps (``steps_per_call x accum_steps x micro_batch`` int32) and
+gathers its batches on the device. Shuffling is a fresh permutation per epoch
+drawn from ``(seed, epoch)``, and the indices of a step depend only on the seed,
+the global batch and the step (not on how the batch is split over devices and
+micro-batches), so the data position of a run is its step count: what a
+checkpoint needs to resume exactly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
-
-from batchbench.workloads.base import ArrayData
-
-DATA_AXIS = "data"
 
 
 class EpochIndexFeeder:
@@ -75,11 +66,20 @@ class EpochIndexFeeder:
       done = 0
       while done < k:
         n = min(k - done, self.steps_per_epoch - pos)
-        out[done * batch:(done + n) * batch] = self._permutation(epoch)[pos * batch:
-                                                                        (pos + n) * batch]
+        perm = self._permutation(epoch)
+        out[done * batch:(done + n) * batch] = perm[pos * batch:(pos + n) * batch]
         done += n
         epoch, pos = epoch + 1, 0
     return out.reshape(k, self.accum_steps, -1)
+
+
+def synthetic_keys(steps_per_call: int, accum_steps: int) -> Callable[[int], np.ndarray]:
+  """``feed(first_step)`` for synthetic inputs: one integer key per (step, micro-batch)."""
+  def keys(first_step: int) -> np.ndarray:
+    flat = np.arange(first_step * accum_steps, (first_step + steps_per_call) * accum_steps,
+                     dtype=np.int64)
+    return (flat.reshape(steps_per_call, accum_steps) % (2**31 - 1)).astype(np.int32)
+  return keys
 
 
 class LookaheadFeed:
@@ -88,9 +88,7 @@ class LookaheadFeed:
   Dispatch is asynchronous, so after dispatching a call the loop calls
   ``prefetch(next_step)``: the host builds the next call's inputs while the
   device runs the current one, and ``feed(next_step)`` then returns them at once.
-  Without this, a window of one call would wait on the host's index building
-  (about 1 ms per 32 fresh permutations of 1,437 examples). The inputs are a pure
-  function of the step, so computing them early changes nothing.
+  The inputs are a pure function of the step, so computing them early changes nothing.
   """
 
   def __init__(self, feed: Callable[[int], np.ndarray]):
@@ -105,40 +103,3 @@ class LookaheadFeed:
 
   def prefetch(self, first_step: int) -> None:
     self._ahead = (first_step, self._feed(first_step))
-
-
-def feed_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of a call's indices: the batch (last) axis over the data axis."""
-  return NamedSharding(mesh, P(None, None, DATA_AXIS))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
-def put_train_data(data: ArrayData, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
-  """Puts the training set on every device of ``mesh`` (replicated)."""
-  sharding = replicated(mesh)
-  return (jax.device_put(jnp.asarray(data.train_x), sharding),
-          jax.device_put(jnp.asarray(data.train_y), sharding))
-
-
-def put_eval_data(data: ArrayData, mesh: Mesh, chunk: int = 4096
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Pads the test set into ``(n_chunks, chunk, ...)`` with a 0/1 mask, sharded.
-
-  The chunk is a multiple of the device count so each chunk splits evenly over
-  the data axis; padded examples have mask 0 and do not count in any metric.
-  """
-  n = data.test_x.shape[0]
-  devices = mesh.devices.size
-  chunk = min(chunk, n)
-  chunk = -(-chunk // devices) * devices
-  n_chunks = -(-n // chunk)
-  pad = n_chunks * chunk - n
-  x = np.concatenate([data.test_x, np.zeros((pad, *data.test_x.shape[1:]), data.test_x.dtype)])
-  y = np.concatenate([data.test_y, np.zeros((pad,), data.test_y.dtype)])
-  mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-  sharding = NamedSharding(mesh, P(None, DATA_AXIS))
-  return tuple(jax.device_put(a.reshape(n_chunks, chunk, *a.shape[1:]), sharding)
-               for a in (x, y, mask))

@@ -9,7 +9,7 @@ A trial directory (a sweep uses ``<workdir>/trials/<trial_id>/``) holds:
   ``state``, the sharded ``TrainState`` (params, optimizer state, step, RNG key),
   and ``loop``, JSON with everything else the trial loop needs to continue
   bit-identically (data position, time ledger, eval history, timing windows,
-  target fields, status, resumes). See ``batchbench.trial``.
+  target fields, status, resumes): ``batchbench.runs.trial.LoopState``.
 * ``corrupt/<step>/``: a corrupted step moved aside when falling back to the
   previous one (never deleted: it may be worth a look).
 
@@ -26,7 +26,6 @@ every process stop at the same call (see ``PreemptionWatch``).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -43,7 +42,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from batchbench.config import TrialSpec
-from batchbench.results import atomic_write_text
+from batchbench.fmt import to_jsonable
+from batchbench.store.results import atomic_write_text
 
 SPEC_FILE = "spec.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -53,6 +53,8 @@ TMP_MARKER = ".orbax-checkpoint-tmp"
 # Exit status for a run stopped by preemption after checkpointing: EX_TEMPFAIL
 # ("temporary failure; try again"), distinct from success, errors and usage (2).
 PREEMPTED_EXIT_CODE = 75
+# Exit status for a checkpoint that cannot be used or written.
+CHECKPOINT_ERROR_EXIT_CODE = 3
 
 
 class CheckpointError(RuntimeError):
@@ -183,10 +185,6 @@ def params_hash(params: Any) -> str:
   return h.hexdigest()
 
 
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-  return json.loads(json.dumps(d, sort_keys=True, default=str))
-
-
 def _array_handler_registry():
   """Orbax's jax.Array handler, replica-parallel only with several processes.
 
@@ -286,7 +284,7 @@ class TrialCheckpointer:
 
   def _check_spec(self, spec: TrialSpec) -> None:
     path = os.path.join(self.trial_dir, SPEC_FILE)
-    want = _jsonable(spec.identity())
+    want = to_jsonable(spec.identity())
     if not os.path.exists(path):
       if committed_steps(self.directory):
         raise SpecMismatchError(
@@ -385,15 +383,19 @@ class TrialCheckpointer:
 
   # -- save ---------------------------------------------------------------------------
 
-  def save(self, step: int, state: Any, loop: dict[str, Any]) -> None:
+  def save(self, step: int, state: Any, loop: Any) -> None:
     """Starts saving ``state`` and ``loop`` as ``step``; returns once off the devices.
+
+    ``loop`` is the trial loop's state, a dataclass of JSON-able fields; ``restore``
+    gives it back as a dict of those fields.
 
     Raises:
       CheckpointWriteError: this or the previous (asynchronous) save failed.
     """
     # The JSON is written in the background while the loop goes on (and appends to its
-    # history): save a snapshot. The arrays are copied off the devices before returning.
-    loop = copy.deepcopy(loop)
+    # history): save a snapshot (asdict copies). The arrays are copied off the devices
+    # before returning.
+    loop = to_jsonable(dataclasses.asdict(loop))
     try:
       saved = self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeSave(_unwrap_keys(state)), loop=ocp.args.JsonSave(loop)),

@@ -1,0 +1,91 @@
+"""Every field a trial takes, with its default, and the config-file argument parser.
+
+A config file has ``get_config(arg)`` returning ``default_config()`` with a few
+fields overridden. Configs hold no device facts: ``resolve()`` turns them into a
+frozen ``TrialSpec`` for a given number of devices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from batchbench.config.errors import ConfigError
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses a ``get_config`` argument string ``"k=v,k2=v2"`` against ``defaults``.
+
+  Values take the type of their default. Unknown keys raise ``ConfigError``.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ConfigError(f"config arg {key}", value, f"known args: {', '.join(sorted(defaults))}")
+    default = defaults[key]
+    try:
+      if isinstance(default, bool):
+        out[key] = value.strip().lower() in ("1", "true", "yes", "")
+      elif default is None:
+        out[key] = value
+      else:
+        out[key] = type(default)(value)
+    except ValueError as e:
+      raise ConfigError(f"config arg {key}", value,
+                        f"expected {type(default).__name__}") from e
+  return out
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field a trial takes, with defaults; config files override a few."""
+  c = ml_collections.ConfigDict()
+  c.workload = "digits_mlp"
+  c.workload_options = ml_collections.ConfigDict()
+  c.global_batch = 32
+  c.accum_steps = 1
+  c.num_devices = 0  # data-parallel devices; 0 = all local devices
+  c.steps_per_call = 0  # train steps fused per compiled call; 0 = chosen by the harness
+  c.optimizer = "sgd"
+  c.momentum = config_dict.placeholder(float)  # sgd only; None = 0.9
+  c.weight_decay = 0.0  # sgd (L2 on the gradient) and adamw (decoupled); adam has none
+  c.base_lr = 0.05
+  c.reference_batch = 32
+  c.lr_rule = "linear"
+  c.lr_multiplier = 1.0
+  c.schedule = "constant"  # after warmup: constant | cosine | linear
+  c.warmup_examples = 0
+  c.eval_every_examples = 256
+  c.max_examples = config_dict.placeholder(int)
+  c.max_steps = config_dict.placeholder(int)
+  c.max_seconds = config_dict.placeholder(float)
+  c.target_metric = config_dict.placeholder(str)  # None: the workload's; "none": no target
+  c.target_value = config_dict.placeholder(float)
+  c.seed = 0
+  c.memory_budget_bytes = config_dict.placeholder(int)
+  # Checkpoints (kept under <workdir>/trials/<trial_id>/): one every this many examples
+  # (at the next call boundary) and at the end; None = only at the end and on SIGTERM.
+  c.checkpoint_every_examples = config_dict.placeholder(int)
+  # A corrupted latest checkpoint is an error; True restores the previous one instead
+  # (the row records it). A run option, not part of the trial's identity.
+  c.fallback_to_previous_checkpoint = False
+  # The throughput phase: pure train calls per sweep point, timed in windows.
+  c.throughput = ml_collections.ConfigDict()
+  c.throughput.warmup_calls = 2  # discarded (the first call may still allocate)
+  c.throughput.min_windows = 5  # at least this many timed windows ...
+  c.throughput.min_seconds = 1.0  # ... and at least this much timed work
+  c.throughput.max_seconds = 60.0  # stop adding windows after this much timed work
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.global_batches = config_dict.placeholder(tuple)
+  c.sweep.batch_range = config_dict.placeholder(str)  # "8:1024": powers of two, inclusive
+  # Optional per-sweep overrides of the top-level fields of the same names.
+  c.sweep.lr_rule = config_dict.placeholder(str)
+  c.sweep.reference_batch = config_dict.placeholder(int)
+  c.sweep.warmup_examples = config_dict.placeholder(int)
+  c.sweep.schedule = config_dict.placeholder(str)
+  c.sweep.lr_multipliers = (1.0,)
+  c.sweep.seeds = (0,)
+  return c

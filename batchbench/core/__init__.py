@@ -1,0 +1,1 @@
+"""Mesh, train state, optimizer, the train and eval programs, and the one builder."""

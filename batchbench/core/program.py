@@ -1,0 +1,271 @@
+"""The one builder: spec -> mesh, optimizer, placed data, compiled train/eval calls.
+
+Trial, the throughput phase, probe, decompose and the overhead benchmark all get
+their compiled calls from ``build`` (or a ``ProgramCache`` around it), so the
+sequence workload -> optimizer -> state -> data -> compiled calls exists once.
+
+A ``Program`` is keyed by ``TrialSpec.program_key``: the learning rate and the
+seed are runtime values (``Program.init_state(seed, lr)``), so one program serves
+every LR and seed of a batch. Calls are compiled ahead of time
+(``lower().compile()``), so compile seconds, memory and FLOPs are known before
+anything is timed, and a program can never recompile: the compiled object only
+accepts the shapes it was built for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from batchbench.config import TrialSpec
+from batchbench.core import optim, steps
+from batchbench.core.mesh import batch_sharding, make_mesh, replicated
+from batchbench.core.state import TrainState
+from batchbench.data import feed as feed_lib
+from batchbench.data import placement
+from batchbench.measure.flops import cost_flops
+from batchbench.measure.memory import compiled_memory
+from batchbench.workloads import Workload, get_workload
+
+
+@dataclasses.dataclass
+class CompiledCall:
+  """An AOT-compiled function with what compiling it told us."""
+
+  fn: Callable[..., Any]
+  compile_s: float
+  memory: dict[str, int | None]
+  traces: list[int]  # one entry per trace of the Python body (1 for a good program)
+  cached: bool  # served from JAX's persistent compilation cache
+
+  def __call__(self, *args):
+    return self.fn(*args)
+
+
+class _PersistentCacheHits:
+  """Counts JAX's persistent-compilation-cache hits (a monitoring event)."""
+
+  count = 0
+  _lock = threading.Lock()
+  _registered = False
+
+  @classmethod
+  def ensure_listening(cls) -> None:
+    with cls._lock:
+      if not cls._registered:
+        jax.monitoring.register_event_listener(cls._on_event)
+        cls._registered = True
+
+  @classmethod
+  def _on_event(cls, event: str, **kwargs) -> None:
+    del kwargs
+    if event == "/jax/compilation_cache/cache_hits":
+      cls.count += 1
+
+
+def aot(fn, args, in_shardings, out_shardings, traces: list[int], donate=()) -> CompiledCall:
+  """Lowers and compiles ``fn`` for ``args`` (arrays or ``ShapeDtypeStruct``s)."""
+  _PersistentCacheHits.ensure_listening()
+  hits = _PersistentCacheHits.count
+  start = time.perf_counter()
+  lowered = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                    donate_argnums=donate).lower(*args)
+  compiled = lowered.compile()
+  seconds = time.perf_counter() - start
+  return CompiledCall(compiled, seconds, compiled_memory(compiled), traces,
+                      cached=_PersistentCacheHits.count > hits)
+
+
+def _abstract(tree: Any, sharding=None) -> Any:
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype,
+                                                     sharding=sharding), tree)
+
+
+@dataclasses.dataclass
+class Program:
+  """The compiled programs of one program key, and what it needs to run them.
+
+  Attributes:
+    spec: the spec the program was built for (its LR and seed are not compiled in).
+    steps_per_call: steps per train call (the trial's, or the throughput phase's).
+    workload, mesh, tx: as built from the spec.
+    train: ``(state, data, feed) -> (state, {"loss": [K]})``, state donated.
+    data: the training set on the devices (``{}`` for synthetic workloads).
+    eval_data: the padded test set on the devices, or None (synthetic, or abstract).
+    flops_per_step: XLA's FLOPs of one optimizer step, all devices (None if unknown).
+  """
+
+  spec: TrialSpec
+  steps_per_call: int
+  workload: Workload
+  mesh: Mesh
+  tx: optax.GradientTransformation
+  train: CompiledCall
+  data: Any
+  eval_data: Any
+  flops_per_step: float | None
+  _eval: CompiledCall | None = None
+
+  @property
+  def eval(self) -> CompiledCall | None:
+    """The eval call, compiled on first use; None without eval data."""
+    if self._eval is None and self.eval_data is not None:
+      repl = replicated(self.mesh)
+      state = self.abstract_state()
+      traces: list[int] = []
+      self._eval = aot(steps.make_eval_call(self.workload, traces),
+                       (state.params, state.model_state, _abstract(self.eval_data)),
+                       (repl, repl, batch_sharding(self.mesh, leading=1)), repl, traces)
+    return self._eval
+
+  def init_state(self, seed: int, lr: float) -> TrainState:
+    """The initial state for ``seed`` with peak learning rate ``lr``, replicated.
+
+    Runs eagerly rather than under ``jit``: eager initialisation gives the same bits
+    as it always has (the shipped workloads keep their results), and costs little
+    for the models here once JAX has warmed its primitive caches.
+    """
+    return jax.device_put(_host_init(self.workload, self.tx, seed, lr), replicated(self.mesh))
+
+  def abstract_state(self) -> TrainState:
+    """``init_state``'s shapes, dtypes and shardings, computed without running it.
+
+    A resumed trial restores its checkpoint onto this tree.
+    """
+    shapes = jax.eval_shape(lambda: _host_init(self.workload, self.tx, 0, self.spec.lr))
+    return _abstract(shapes, replicated(self.mesh))
+
+  def feed(self, seed: int) -> feed_lib.LookaheadFeed:
+    """``feed(first_step)``: a call's inputs as a host array (pure in the step)."""
+    k, accum = self.steps_per_call, self.spec.accum_steps
+    if self.workload.synthetic:
+      return feed_lib.LookaheadFeed(feed_lib.synthetic_keys(k, accum))
+    return feed_lib.LookaheadFeed(feed_lib.EpochIndexFeeder(
+        self.spec.train_size, self.spec.global_batch, accum, k, seed).call_indices)
+
+  def evaluate(self, state: TrainState) -> dict[str, float]:
+    """Metric means of ``state`` on the test set (blocks)."""
+    sums = jax.device_get(self.eval(state.params, state.model_state, self.eval_data))
+    count = float(sums["count"])
+    return {name: float(v) / count for name, v in sums.items() if name != "count"}
+
+
+def _host_init(workload: Workload, tx, seed: int, lr: float) -> TrainState:
+  init_key, data_key = jax.random.split(jax.random.key(seed))
+  params, model_state = workload.init(init_key, workload.batch_spec(1))
+  opt_state = optim.with_learning_rate(tx.init(params), lr)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                    opt_state=opt_state, rng=data_key)
+
+
+def _feed_spec(workload: Workload, spec: TrialSpec, k: int, mesh: Mesh) -> jax.ShapeDtypeStruct:
+  if workload.synthetic:
+    return jax.ShapeDtypeStruct((k, spec.accum_steps), jnp.int32, sharding=replicated(mesh))
+  return jax.ShapeDtypeStruct((k, spec.accum_steps, spec.micro_batch), jnp.int32,
+                              sharding=batch_sharding(mesh, leading=2))
+
+
+def flops_per_step(workload: Workload, spec: TrialSpec, tx, state: Any, data: Any) -> float | None:
+  """XLA's FLOPs of one optimizer step, all devices together.
+
+  XLA's cost analysis counts a loop body once whatever its trip count, so it lowers
+  (without compiling) one unsharded step of one micro-batch, and the optimizer update
+  alone: a step costs ``accum_steps`` micro-batch gradients and one update.
+  """
+  one = dataclasses.replace(spec, accum_steps=1, global_batch=spec.micro_batch)
+  mesh = make_mesh(1)
+  fn = steps.make_train_call(workload, mesh, tx, micro_batch=one.micro_batch)
+  args = (*_abstract((state, data)), _abstract(_feed_spec(workload, one, 1, mesh)))
+  step = cost_flops(jax.jit(fn).lower(*args))
+  if step is None:
+    return None
+  if spec.accum_steps == 1:
+    return step
+  params, opt_state = _abstract((state.params, state.opt_state))
+  update = cost_flops(jax.jit(tx.update).lower(params, opt_state, params)) or 0.0
+  return spec.accum_steps * step - (spec.accum_steps - 1) * update
+
+
+def build(spec: TrialSpec, *, mesh: Mesh | None = None, steps_per_call: int | None = None,
+          abstract: bool = False, flops: bool = True,
+          data: Any = None, arrays: Any = None) -> Program:
+  """Builds and compiles the program of ``spec`` (its LR and seed are runtime values).
+
+  Args:
+    spec: the resolved trial.
+    mesh: its mesh (default: a ``data`` mesh of ``spec.num_devices``).
+    steps_per_call: steps per train call (default: the trial's).
+    abstract: compile against abstract state and data; nothing is placed on the
+      devices (what ``probe`` needs). Such a program cannot run.
+    flops: lower one step for XLA's FLOP count.
+    data: the training set already on this mesh (shared between programs), if any.
+    arrays: the loaded ``ArrayData``, if the caller has it.
+
+  Returns:
+    The program.
+  """
+  workload = get_workload(spec.workload, dict(spec.workload_options))
+  mesh = mesh or make_mesh(spec.num_devices)
+  k = steps_per_call or spec.steps_per_call
+  tx = optim.make_optimizer(spec)
+  shapes = jax.eval_shape(lambda: _host_init(workload, tx, 0, spec.lr))
+  state = _abstract(shapes, replicated(mesh))
+  eval_data = None
+  if workload.synthetic:
+    data = {}
+  else:
+    arrays = arrays if arrays is not None else workload.data()
+    if data is None:
+      data = (placement.abstract_train_data(arrays.train, mesh) if abstract
+              else placement.put_train_data(arrays.train, mesh))
+    if not abstract:
+      eval_data = placement.put_eval_data(arrays.test, mesh)
+  repl = replicated(mesh)
+  traces: list[int] = []
+  train = aot(steps.make_train_call(workload, mesh, tx, micro_batch=spec.micro_batch,
+                                    traces=traces),
+              (state, _abstract(data, repl), _feed_spec(workload, spec, k, mesh)),
+              (repl, repl, _feed_spec(workload, spec, k, mesh).sharding), repl, traces,
+              donate=(0,))
+  step_flops = flops_per_step(workload, spec, tx, shapes, data) if flops else None
+  return Program(spec=spec, steps_per_call=k, workload=workload, mesh=mesh, tx=tx,
+                 train=train, data=data, eval_data=None if abstract else eval_data,
+                 flops_per_step=step_flops)
+
+
+class ProgramCache:
+  """Programs by program key, and placed training sets by workload, within a process.
+
+  A sweep keeps one: every LR and seed of a batch then runs the same executable.
+  """
+
+  def __init__(self, flops: bool = True):
+    self._flops = flops  # lower each program once more for XLA's FLOP count
+    self._programs: dict[str, Program] = {}
+    self._data: dict[tuple, Any] = {}
+    self.hits = 0
+    self.compiles = 0
+
+  def get(self, spec: TrialSpec, *,
+          steps_per_call: int | None = None) -> tuple[Program, bool]:
+    """The program for ``spec``, and whether it came from this cache."""
+    key = spec.program_key(steps_per_call)
+    if key in self._programs:
+      self.hits += 1
+      return self._programs[key], True
+    mesh = make_mesh(spec.num_devices)
+    data_key = (spec.workload, spec.workload_options, tuple(d.id for d in mesh.devices.flat))
+    program = build(spec, mesh=mesh, steps_per_call=steps_per_call, flops=self._flops,
+                    data=self._data.get(data_key))
+    self._data[data_key] = program.data
+    self._programs[key] = program
+    self.compiles += 1
+    return program, False

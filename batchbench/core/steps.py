@@ -1,0 +1,158 @@
+"""The programs: a train call of K fused steps with gradient accumulation, and eval.
+
+One *train call* runs ``steps_per_call`` optimizer steps in a ``lax.scan`` so that
+small models are not bound by Python dispatch. Each step accumulates gradients
+over ``accum_steps`` micro-batches (an inner ``lax.scan``) of loss *sums*, divided
+by the total example count, so the update equals the update on the whole global
+batch. The model state (BatchNorm statistics) threads through the micro-batches;
+each micro-batch gets its own key, ``fold_in(fold_in(state.rng, step), i)``.
+Parameters are replicated and the batch is sharded along the mesh's ``data``
+axis; XLA inserts the gradient all-reduce (and, for BatchNorm over the batch
+axis, the statistics' all-reduce: batch statistics are global by default).
+
+These functions only build Python callables; ``core.program`` compiles them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from batchbench.core.mesh import batch_sharding
+from batchbench.core.state import TrainState
+from batchbench.data.arrays import MASK
+from batchbench.workloads.base import Workload
+
+# Synthetic inputs: this many micro-batches are drawn per compiled call and the steps
+# cycle through them. Drawing with jax.random inside every step cost up to 28% of
+# throughput on CPU (benchmarks/overhead.py); a per-call pool keeps the inputs
+# changing from call to call at a cost amortised over the call's steps.
+SYNTHETIC_POOL = 2
+
+
+def _constrain(tree: Any, sharding) -> Any:
+  return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), tree)
+
+
+def _take_rows(arrays, idx):
+  return {name: a[idx] for name, a in arrays.items()}
+
+
+def micro_batches(workload: Workload, mesh: Mesh, micro_batch: int):
+  """Returns ``(prepare, get)`` for the micro-batches of a call.
+
+  ``prepare(data, feed, rng)`` runs once per call and returns what ``get(prepared,
+  micro_feed) -> batch`` reads: the device-resident training set, or a pool of
+  synthetic micro-batches drawn from the call's first key. ``micro_feed`` is the
+  micro-batch's example indices (embedded data) or its integer key (synthetic).
+  """
+  sharding = batch_sharding(mesh)
+  if workload.synthetic:
+    def prepare(data, feed, rng):
+      del data
+      pool = workload.synthetic_batch(jax.random.fold_in(rng, feed[0, 0]),
+                                      SYNTHETIC_POOL * micro_batch)
+      pool = jax.tree.map(lambda a: a.reshape(SYNTHETIC_POOL, micro_batch, *a.shape[1:]),
+                          pool)
+      return _constrain(pool, batch_sharding(mesh, leading=1))
+
+    def get(pool, key):
+      batch = {name: a[key % SYNTHETIC_POOL] for name, a in pool.items()}
+      batch[MASK] = jnp.ones((micro_batch,), jnp.float32)
+      return _constrain(batch, sharding)
+  else:
+    gather = workload.gather or _take_rows
+
+    def prepare(data, feed, rng):
+      del feed, rng
+      return data
+
+    def get(data, idx):
+      batch = dict(gather(data, idx))
+      batch[MASK] = jnp.ones(idx.shape, jnp.float32)
+      return _constrain(batch, sharding)
+  return prepare, get
+
+
+def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransformation, *,
+                    micro_batch: int, traces: list[int] | None = None):
+  """The un-jitted train call ``(state, data, feed) -> (state, {"loss": [K]})``.
+
+  ``feed`` is ``(K, accum, micro_batch)`` example indices for an embedded dataset,
+  or ``(K, accum)`` integer keys for synthetic inputs. ``traces`` gets an entry
+  each time the body is traced (a compiled call must be traced exactly once).
+  """
+  prepare, get = micro_batches(workload, mesh, micro_batch)
+
+  def loss_fn(params, model_state, batch, rng):
+    out = workload.loss(params, model_state, batch, rng)
+    return out.loss_sum, out
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, data, step_feed):
+    step_key = jax.random.fold_in(state.rng, state.step)
+
+    def accumulate(carry, xs):
+      grads, loss_sum, count, model_state = carry
+      i, micro_feed = xs
+      batch = get(data, micro_feed)
+      (_, out), g = grad_fn(state.params, model_state, batch, jax.random.fold_in(step_key, i))
+      return (jax.tree.map(jnp.add, grads, g), loss_sum + out.loss_sum, count + out.count,
+              out.model_state), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    accum = step_feed.shape[0]
+    (grads, loss_sum, count, model_state), _ = jax.lax.scan(
+        accumulate, (zeros, 0.0, 0.0, state.model_state), (jnp.arange(accum), step_feed))
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              model_state=model_state)
+    return new_state, loss_sum / count
+
+  def train_call(state: TrainState, data, feed):
+    if traces is not None:
+      traces.append(1)
+    prepared = prepare(data, feed, state.rng)
+    state, losses = jax.lax.scan(lambda s, f: train_step(s, prepared, f), state, feed)
+    return state, {"loss": losses}
+
+  return train_call
+
+
+def make_eval_call(workload: Workload, traces: list[int] | None = None):
+  """``(params, model_state, eval_data) -> {metric: sum}`` over every eval chunk.
+
+  ``eval_data`` is ``data.placement.put_eval_data``'s ``(n_chunks, chunk, ...)``
+  arrays with their mask; padded examples count in no sum.
+  """
+  def eval_call(params, model_state, eval_data):
+    if traces is not None:
+      traces.append(1)
+
+    def chunk(total, batch):
+      sums = workload.eval_sums(params, model_state, batch)
+      return jax.tree.map(jnp.add, total, sums), None
+
+    first = {name: a[0] for name, a in eval_data.items()}
+    shapes = jax.eval_shape(lambda: workload.eval_sums(params, model_state, first))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return jax.lax.scan(chunk, zeros, eval_data)[0]
+
+  return eval_call
+
+
+def make_forward_call(workload: Workload, traces: list[int] | None = None):
+  """``(params, model_state, batch) -> {metric: sum}``: one forward pass (inference)."""
+  def forward(params, model_state, batch):
+    if traces is not None:
+      traces.append(1)
+    return workload.eval_sums(params, model_state, batch)
+
+  return forward

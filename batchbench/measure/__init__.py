@@ -1,0 +1,1 @@
+"""Measurement primitives: time (ledger, windows), memory, FLOPs. Pure helpers; no programs."""

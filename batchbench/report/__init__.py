@@ -1,0 +1,1 @@
+"""The report: per-batch tables, the recommendation, plots; rendered as MD/HTML/CSV/PNG."""

@@ -1,0 +1,146 @@
+"""The recommendation and the warnings, each sentence computed from the table it sits under.
+
+The recommendation names the batch that reaches the target soonest on this
+machine: its steps to target (median over seeds) x its measured step time (the
+throughput phase). Warnings flag what limits that answer: diverged trials,
+batches that missed the target at every LR, an optimum at the edge of the LR
+grid, a throughput plateau, throughput figures from too few windows, failed
+trials, and rows measured by different code versions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchbench import fmt
+from batchbench.analysis.selection import FAILED, group, reached
+
+Row = dict[str, Any]
+# Throughput has plateaued at a batch when no batch of twice its size or more
+# runs at least this much faster.
+PLATEAU_GAIN = 1.10
+MIN_TRUSTED_WINDOWS = 3
+
+
+def target_text(target: dict[str, Any] | None) -> str:
+  if not target:
+    return "no target"
+  op = "<=" if str(target.get("direction", "")).lower().startswith(("min", "low")) else ">="
+  return f"{target['metric']} {op} {target['value']:g}"
+
+
+def lr_text(row: Row) -> str:
+  mult = row.get("lr_multiplier")
+  return fmt.number(row.get("lr")) + (f" (×{mult:g})" if mult is not None else "")
+
+
+def plateau(best: list[Row]) -> tuple[int, float, list[int]] | None:
+  """(batch, its samples/sec, larger batches) where throughput stops growing."""
+  points = [(r["global_batch"], r["samples_per_sec"]) for r in best
+            if r.get("samples_per_sec") is not None]
+  for i, (batch, sps) in enumerate(points):
+    beyond = [(b, s) for b, s in points[i + 1:] if b >= 2 * batch]
+    if beyond and all(s < PLATEAU_GAIN * sps for _, s in beyond):
+      return batch, sps, [b for b, _ in beyond]
+  return None
+
+
+def warnings(rows: list[Row], best: list[Row], points: list[Row]) -> list[str]:
+  """Plain-language warnings about ``rows`` and the per-batch table ``best``."""
+  out = []
+  workloads = sorted({str(r.get("workload")) for r in rows})
+  if len(workloads) > 1:
+    out.append(f"The results mix several workloads ({', '.join(workloads)}); use one "
+               "workdir per workload, since batches are compared across all rows.")
+  versions = sorted({r.get("measurement_version") for r in rows + points}, key=str)
+  if len(versions) > 1:
+    out.append(f"The rows were measured by different code versions (measurement_version "
+               f"{', '.join(map(str, versions))}); numbers from different versions may not "
+               "be comparable: rerun in a fresh workdir.")
+  for rule, trials in group([r for r in rows if r["status"] == "diverged"],
+                            lambda r: r.get("lr_rule")).items():
+    listed = "; ".join(
+        f"batch {r['global_batch']} at lr {lr_text(r)} seed {r.get('seed')}"
+        + (f", step {r['diverged_step']}" if r.get("diverged_step") is not None else "")
+        for r in sorted(trials, key=lambda r: (r["global_batch"], r.get("lr") or 0.0)))
+    out.append(f"{len(trials)} trial(s) diverged under the '{rule}' LR rule: {listed}.")
+  for batch, trials in sorted(group(rows, lambda r: r.get("global_batch")).items(),
+                              key=lambda kv: kv[0] or -1):
+    if (any(r.get("target") for r in trials) and not any(map(reached, trials))
+        and any(r["status"] not in ("oom", "error") for r in trials)):
+      lrs = ", ".join(sorted({fmt.number(r.get("lr")) for r in trials}, key=float))
+      out.append(f"Batch {batch} missed the target ({target_text(trials[0].get('target'))}) "
+                 f"at every LR tried ({lrs}).")
+  edge = [f"{b['global_batch']} (×{b['lr_multiplier']:g})" for b in best
+          if reached(b) and len(b["lrs_tried"]) >= 2 and not b["lr_interior"]]
+  if edge:
+    out.append(f"The best LR is at the edge of the LRs tried for batch {', '.join(edge)}: "
+               "the optimum may lie outside them, so steps to target may be overstated.")
+  flat = plateau(best)
+  if flat:
+    batch, sps, beyond = flat
+    out.append(f"Throughput plateaus at batch {batch} ({sps:,.0f} samples/sec): batches "
+               f"{', '.join(map(str, beyond))} run less than {PLATEAU_GAIN - 1:.0%} "
+               "faster, so they only pay off if they cut steps to target.")
+  thin = [str(b["global_batch"]) for b in best if b.get("point")
+          and b["timed_windows"] < MIN_TRUSTED_WINDOWS]
+  if thin:
+    out.append(f"Throughput at batch {', '.join(thin)} rests on fewer than "
+               f"{MIN_TRUSTED_WINDOWS} timed windows (marked * in the table).")
+  missing = [str(b["global_batch"]) for b in best if not b.get("point")]
+  if missing:
+    out.append(f"No throughput point was measured for batch {', '.join(missing)}, so its "
+               "time to target is unknown; rerun the sweep to measure it.")
+  for r in rows:
+    if r["status"] == "oom":
+      out.append(f"Batch {r['global_batch']} ran out of memory (trial {r['trial_id']}, "
+                 f"lr {lr_text(r)}); use gradient accumulation or more devices.")
+    elif r["status"] == "error":
+      out.append(f"Trial {r['trial_id']} (batch {r['global_batch']}, lr {lr_text(r)}) "
+                 f"failed with an error: {fmt.first_line(r.get('error'), 120)}")
+  return out
+
+
+def recommend(rows: list[Row], best: list[Row], points: list[Row]) -> dict[str, Any]:
+  """The batch to train with, from the per-batch table.
+
+  Returns:
+    ``fastest_batch`` (least time to target; for a workload without target, most
+    samples/sec; None when nothing qualifies), ``fastest_basis``, ``warnings`` and
+    ``text`` (plain language, every figure taken from ``best``).
+  """
+  timed = [r for r in best if reached(r) and r.get("time_to_target_s") is not None]
+  has_target = any(r.get("target") for r in rows)
+  fastest, basis = None, None
+  if timed:
+    fastest, basis = min(timed, key=lambda r: r["time_to_target_s"]), "time_to_target_s"
+  elif not has_target:
+    ran = [r for r in best if r["status"] not in FAILED and r.get("samples_per_sec")]
+    if ran:
+      fastest, basis = max(ran, key=lambda r: r["samples_per_sec"]), "samples_per_sec"
+  text = []
+  if not rows:
+    text.append("No results yet.")
+  elif basis == "time_to_target_s":
+    seeds = fastest["seeds_at_lr"]
+    text.append(
+        f"Train with global batch {fastest['global_batch']}: on this machine it reaches the "
+        f"target ({target_text(fastest['target'])}) soonest, in "
+        f"{fmt.number(fastest['steps_to_target'])} steps (median of {seeds} seed(s)) x "
+        f"{fmt.number(fastest['step_time_ms'])} ms per step = "
+        f"{fmt.number(fastest['time_to_target_s'])} s of training at lr {lr_text(fastest)} "
+        f"(step time: median of {fastest['timed_windows']} timed windows).")
+  elif basis == "samples_per_sec":
+    text.append(f"This workload has no target, so only throughput is compared: global "
+                f"batch {fastest['global_batch']} runs the most samples/sec "
+                f"({fastest['samples_per_sec']:,.0f}, median of {fastest['timed_windows']} "
+                "windows).")
+  elif has_target:
+    target = next(r["target"] for r in rows if r.get("target"))
+    text.append(f"No batch reached the target ({target_text(target)}) with a measured step "
+                "time; widen the LR grid or train longer before choosing a batch.")
+  found = warnings(rows, best, points)
+  if found:
+    text.append(f"See the {len(found)} warning(s) below.")
+  return {"fastest_batch": fastest["global_batch"] if fastest else None,
+          "fastest_basis": basis, "warnings": found, "text": " ".join(text)}

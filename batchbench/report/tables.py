@@ -1,0 +1,118 @@
+"""The report's tables: the per-batch summary (raw for CSV, formatted for people) and
+the appendix of every trial."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchbench import fmt
+from batchbench.report.recommend import MIN_TRUSTED_WINDOWS, lr_text
+
+Row = dict[str, Any]
+
+
+def _final_metric(row: Row) -> tuple[str | None, float | None]:
+  final = row.get("final_eval") or {}
+  name = (row.get("target") or {}).get("metric")
+  if name not in final:
+    name = "accuracy" if "accuracy" in final else None
+  return name, final.get(name) if name else None
+
+
+def summary_records(best: list[Row]) -> list[dict[str, Any]]:
+  """The per-batch table with raw values (the columns of ``summary.csv``)."""
+  records = []
+  for r in best:
+    point = r.get("point") or {}
+    memory = point.get("memory") or r.get("memory") or {}
+    iqr = r.get("samples_per_sec_iqr") or (None, None)
+    metric, value = _final_metric(r)
+    records.append({
+        "global_batch": r["global_batch"], "lr": r.get("lr"),
+        "lr_multiplier": r.get("lr_multiplier"), "lr_interior": r["lr_interior"],
+        "seeds_at_lr": r["seeds_at_lr"], "seeds_reached": r["seeds_reached"],
+        "samples_per_sec": r.get("samples_per_sec"), "samples_per_sec_q25": iqr[0],
+        "samples_per_sec_q75": iqr[1], "timed_windows": r.get("timed_windows"),
+        "step_time_ms": r.get("step_time_ms"), "compile_s": point.get("program_compile_s"),
+        "xla_peak_bytes": memory.get("peak_bytes"), "xla_temp_bytes": memory.get("temp_bytes"),
+        "device_peak_bytes": memory.get("device_peak_bytes"),
+        "steps_to_target": r.get("steps_to_target"), "steps_min": r.get("steps_min"),
+        "steps_max": r.get("steps_max"), "epochs_to_target": r.get("epochs_to_target"),
+        "examples_to_target": r.get("examples_to_target"),
+        "time_to_target_s": r.get("time_to_target_s"),
+        "loop_time_to_target_s": r.get("loop_time_to_target_s"),
+        "time_to_target_wall_s": r.get("time_to_target_wall_s"),
+        "final_metric": metric, "final_metric_value": value,
+        "final_train_loss": r.get("final_train_loss"), "status": r["status"],
+        "selection": r["selection"], "trial_id": r["trial_id"]})
+  return records
+
+
+def rate_text(r: dict[str, Any]) -> str:
+  """Samples/sec with a ``*`` when it rests on fewer than 3 timed windows."""
+  if r["samples_per_sec"] is None:
+    return "-"
+  thin = (r["timed_windows"] or 0) < MIN_TRUSTED_WINDOWS
+  return fmt.number(r["samples_per_sec"]) + ("*" if thin else "")
+
+
+def _steps_text(r: dict[str, Any]) -> str:
+  steps = fmt.number(r["steps_to_target"])
+  if r["steps_to_target"] is None or r["seeds_at_lr"] < 2:
+    return steps
+  return f"{steps} ({fmt.number(r['steps_min'])}–{fmt.number(r['steps_max'])})"
+
+
+def summary_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+  """Headers and formatted cells of the per-batch table."""
+  metrics = {r["final_metric"] for r in records} - {None}
+  columns = [
+      ("batch", lambda r: fmt.number(r["global_batch"])),
+      ("LR", lambda r: lr_text(r) + ("" if r["lr_interior"] else " (edge)")),
+      ("seeds", lambda r: f"{r['seeds_reached']}/{r['seeds_at_lr']}"),
+      ("samples/sec", rate_text),
+      ("IQR", lambda r: "-" if r["samples_per_sec_q25"] is None else
+       f"{fmt.number(r['samples_per_sec_q25'])}–{fmt.number(r['samples_per_sec_q75'])}"),
+      ("windows", lambda r: fmt.number(r["timed_windows"])),
+      ("step ms", lambda r: fmt.number(r["step_time_ms"])),
+      ("compile s", lambda r: fmt.number(r["compile_s"])),
+      ("XLA peak", lambda r: fmt.format_bytes(r["xla_peak_bytes"])),
+      ("device peak", lambda r: fmt.format_bytes(r["device_peak_bytes"])),
+      ("steps to target (min–max)", _steps_text),
+      ("epochs to target", lambda r: fmt.number(r["epochs_to_target"])),
+      ("s to target", lambda r: fmt.number(r["time_to_target_s"])),
+      ("wall s (trial)", lambda r: fmt.number(r["time_to_target_wall_s"])),
+      (f"final {metrics.pop()}" if len(metrics) == 1 else "final metric",
+       lambda r: fmt.number(r["final_metric_value"])),
+      ("status", lambda r: r["status"]),
+  ]
+  if all(r["device_peak_bytes"] is None for r in records):
+    columns = [c for c in columns if c[0] != "device peak"]
+  return [c[0] for c in columns], [[f(r) for _, f in columns] for r in records]
+
+
+CONSOLE_COLUMNS = ("batch", "LR", "seeds", "samples/sec", "windows", "step ms", "XLA peak",
+                   "steps to target (min–max)", "s to target", "status")
+
+
+def console_table(best: list[Row]) -> str:
+  """A compact fixed-width text table of the per-batch summary."""
+  headers, cells = summary_table(summary_records(best))
+  keep = [headers.index(h) for h in CONSOLE_COLUMNS if h in headers]
+  return fmt.format_table([headers[i] for i in keep], [[row[i] for i in keep]
+                                                        for row in cells])
+
+
+def trials_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+  """Every trial, by batch, LR and seed."""
+  headers = ["trial_id", "batch", "lr", "lr_multiplier", "seed", "status",
+             "steps_to_target", "loop samples/sec", "compile s", "error"]
+  ordered = sorted(rows, key=lambda r: (r.get("global_batch") or -1, r.get("lr") or 0.0,
+                                        r.get("seed") or -1))
+  return headers, [[str(r["trial_id"]), fmt.number(r.get("global_batch")),
+                    fmt.number(r.get("lr")), fmt.number(r.get("lr_multiplier")),
+                    fmt.number(r.get("seed")), r["status"],
+                    fmt.number(r.get("steps_to_target")),
+                    fmt.number(r.get("loop_samples_per_sec")),
+                    fmt.number(r.get("compile_s")), fmt.first_line(r.get("error"))]
+                   for r in ordered]

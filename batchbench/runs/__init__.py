@@ -1,0 +1,1 @@
+"""What the commands run: trial, throughput phase, sweep, worker, probe, decompose."""

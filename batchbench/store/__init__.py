@@ -1,0 +1,1 @@
+"""Plain files in the workdir: result rows, throughput points, run metadata, checkpoints."""
