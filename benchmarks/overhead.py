@@ -263,7 +263,7 @@ def build_cases(args: argparse.Namespace, device: jax.Device) -> list[dict[str, 
   for name in args.workloads:
     for batch in args.batches:
       spec = harness_spec(name, batch, args.windows)
-      hand = HandLoops(name, batch, spec.throughput_steps_per_call, device)
+      hand = HandLoops(name, batch, spec.steps_per_call, device)
       cases.append({"workload": name, "batch": batch, "window": None, "spec": spec,
                     "hand": hand, "repeats": []})
   return cases
@@ -305,7 +305,7 @@ def print_table(cases: list[dict[str, Any]], env: dict[str, Any], seconds: float
       unsure.append(f"{case['workload']} B={case['batch']}")
     if worst is None or st["paired"] < worst[0]:
       worst = (st["paired"], case["workload"], case["batch"], st["ratio"])
-    ks = f"{case['spec'].throughput_steps_per_call}/{case['hand'].k}"
+    ks = f"{case['spec'].steps_per_call}/{case['hand'].k}"
     print(f"{case['workload']:<14} {case['batch']:>5} {case['window']:>5} {ks:>6}  "
           f"{med['harness']:>9,.0f} {med['dispatched']:>10,.0f} {med['fused']:>9,.0f}  "
           f"{st['ratio']:>5.3f} {st['range'][0]:.2f}-{st['range'][1]:.2f} {st['best']:>5.3f}  "

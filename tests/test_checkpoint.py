@@ -125,14 +125,14 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, reference):
   assert signal.getsignal(signal.SIGTERM) is before  # and restored after it
   assert (trial_dir / checkpoint.SPEC_FILE).exists()
   steps = checkpoint.committed_steps(str(trial_dir / checkpoint.CHECKPOINT_DIR))
-  # Every 3 steps (96 examples), at the next call boundary (2 steps): 4, 6, 10, 12, 16,
-  # 18, 22; the hook runs after the window's checkpoint; max_to_keep 2.
-  assert steps == [18, 22]
+  # Every 3 steps (96 examples), exactly: calls end there (3, 6, ..., 18, 21); the hook
+  # runs after the window's checkpoint, so the window ending at 21 saved first; max 2 kept.
+  assert steps == [18, 21]
 
   row = trial.run_trial(small_spec(), workdir=str(trial_dir), log=None)
   assert_same_result(row, reference)
   assert row["resumes"] == 1 and not row["restored_from_fallback"]
-  assert row["notes"] == ["resumed from step 22"]
+  assert row["notes"] == ["resumed from step 21"]
   ledger = row["time_ledger"]
   assert ledger["checkpoint"] > 0
   assert ledger["compile"] > row["compile_s"]  # both runs' compile seconds: restored ledger
@@ -218,11 +218,11 @@ def test_preemption_checkpoints_at_the_next_call_boundary(tmp_path, reference):
   with pytest.raises(Preempted) as stopped:
     trial.run_trial(small_spec(), workdir=trial_dir, log=None, preemption=watch,
                     on_window=preempt)
-  # Flag seen after the window ending at step 8; stopped after the next call (2 steps),
-  # inside the next eval window, with that step committed before raising.
-  assert stopped.value.step == 10 and stopped.value.row is None
-  assert stopped.value.checkpoint == os.path.join(trial_dir, "checkpoints", "10")
-  assert checkpoint.committed_steps(os.path.join(trial_dir, "checkpoints"))[-1] == 10
+  # Flag seen after the window ending at step 8; stopped after the next call, which ends
+  # at step 9 (the checkpoint cadence, every 3 steps), with that step committed first.
+  assert stopped.value.step == 9 and stopped.value.row is None
+  assert stopped.value.checkpoint == os.path.join(trial_dir, "checkpoints", "9")
+  assert checkpoint.committed_steps(os.path.join(trial_dir, "checkpoints"))[-1] == 9
 
   row = trial.run_trial(small_spec(), workdir=trial_dir, log=None)
   assert_same_result(row, reference)
@@ -373,7 +373,7 @@ def test_save_snapshots_the_loop_state_before_the_loop_moves_on(tmp_path):
 
 def test_batchnorm_statistics_are_checkpointed_and_resume_bit_identically(tmp_path):
   spec = config_lib.resolve(bn_config(checkpoint_every_examples=256), 8)
-  assert (spec.eval_every_steps, spec.steps_per_call, spec.max_steps) == (4, 4, 24)
+  assert (spec.eval_every_steps, spec.steps_per_call, spec.max_steps) == (4, 64, 24)
   cache = ProgramCache()  # both runs use one program: this test is about the checkpoint
   ref_dir, dir_ = tmp_path / "reference", tmp_path / "interrupted"
   reference = trial.run_trial(spec, workdir=str(ref_dir), cache=cache, log=None)

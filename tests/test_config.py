@@ -25,9 +25,6 @@ def digits(**overrides):
   return c
 
 
-def largest_divisor_at_most(n, cap):
-  return max(d for d in range(1, cap + 1) if n % d == 0)
-
 
 # --- what valid configs resolve to ------------------------------------------------------
 
@@ -35,23 +32,17 @@ def largest_divisor_at_most(n, cap):
 def test_every_config_file_resolves(name):
   spec = resolve(load_config(name), 8)
   assert spec.num_devices == 8 and spec.per_device_batch * 8 == spec.global_batch
-  assert spec.max_steps is None or spec.max_steps % spec.steps_per_call == 0
-  # Evals fall on call boundaries (an interval past the budget never fires).
-  if spec.eval_every_steps and (spec.max_steps is None
-                                or spec.eval_every_steps <= spec.max_steps):
-    assert spec.eval_every_steps % spec.steps_per_call == 0
-  # The throughput phase has no evals to align with: its calls are never shorter.
-  assert spec.throughput_steps_per_call >= spec.steps_per_call
+  assert 1 <= spec.steps_per_call <= 64
   assert spec.measurement_version == version.MEASUREMENT_VERSION
 
 
 def test_digits_default_spec():
   spec = resolve(load_config("digits_mlp"), 8)
   assert (spec.global_batch, spec.per_device_batch, spec.accum_steps) == (32, 4, 1)
-  # An eval every 256 / 32 = 8 steps: calls of 8 steps end exactly on every eval.
-  assert spec.eval_every_steps == 8 and spec.steps_per_call == 8
-  # 100 epochs = 143,700 examples = 4,491 steps, rounded up to whole 8-step calls.
-  assert spec.max_steps == math.ceil(math.ceil(143_700 / 32) / 8) * 8 == 4496
+  # Calls of up to 64 steps (65,536 examples' worth, capped at 64); an eval every 8 steps.
+  assert spec.eval_every_steps == 8 and spec.steps_per_call == 64
+  # 100 epochs = 143,700 examples = 4,491 steps exactly (calls stop anywhere).
+  assert spec.max_steps == math.ceil(143_700 / 32) == 4491
   assert spec.lr == pytest.approx(0.05) and spec.warmup_steps == 0
   assert (spec.optimizer, spec.momentum, spec.weight_decay) == ("sgd", 0.9, 0.0)
   assert spec.target == Target("accuracy", 0.96, "max")
@@ -69,46 +60,27 @@ def test_resolved_lr_follows_the_rule(rule, batch, mult, lr):
   assert (spec.base_lr, spec.reference_batch, spec.lr_rule) == (0.05, 32, rule)
 
 
-@pytest.mark.parametrize("batch, every_examples", [(1024, 256), (64, 256), (32, 256),
-                                                    (8, 8192), (96, 768)])
-def test_auto_steps_per_call_ends_on_every_eval(batch, every_examples):
-  spec = resolve(digits(global_batch=batch, eval_every_examples=every_examples), 8)
-  every = max(1, every_examples // batch)  # an interval under one batch: every step
-  assert spec.eval_every_steps == every
-  # The longest call that divides the eval interval, up to the throughput phase's calls.
-  assert spec.steps_per_call == largest_divisor_at_most(every, spec.throughput_steps_per_call)
-  assert spec.max_steps % spec.steps_per_call == 0
-
-
-def test_a_max_steps_budget_also_ends_on_a_call_boundary():
-  # Evals every 2 steps and a 20-step budget: calls of gcd(2, 20) = 2 steps.
-  spec = resolve(digits(global_batch=128, eval_every_examples=256, max_examples=None,
-                        max_steps=20), 8)
-  assert (spec.eval_every_steps, spec.steps_per_call, spec.max_steps) == (2, 2, 20)
-  # Evals every 8 steps and a 12-step budget: gcd(8, 12) = 4.
-  spec = resolve(digits(max_examples=None, max_steps=12), 8)
-  assert (spec.eval_every_steps, spec.steps_per_call, spec.max_steps) == (8, 4, 12)
-
-
-def test_explicit_steps_per_call_must_divide_the_eval_interval():
-  spec = resolve(digits(global_batch=256, eval_every_examples=2048, steps_per_call=4), 8)
-  assert (spec.eval_every_steps, spec.steps_per_call) == (8, 4)
-  assert spec.throughput_steps_per_call == 4  # an explicit value holds for both phases
-  for k in (3, 16):  # 3 does not divide 8; 16 would skip over an eval
-    with pytest.raises(ConfigError, match=rf"steps_per_call={k}: must divide the eval"):
-      resolve(digits(global_batch=256, eval_every_examples=2048, steps_per_call=k), 8)
-
-
-def test_an_eval_interval_past_max_steps_does_not_shrink_steps_per_call():
+@pytest.mark.parametrize("batch, steps_per_call", [(8, 64), (512, 64), (1024, 64),
+                                                    (2048, 32), (65536, 1)])
+def test_auto_steps_per_call_aims_at_65536_examples_up_to_64_steps(batch, steps_per_call):
   c = config_lib.default_config()
-  c.global_batch, c.num_devices, c.max_steps = 1024, 1, 2048
-  c.eval_every_examples = 10**9  # 976,562 steps: never reached within 2,048
+  c.workload, c.global_batch, c.num_devices, c.max_steps = "synthetic_mlp", batch, 1, 7
   spec = resolve(c, 8)
-  # Nothing to align with but the budget: the calls are as long as the throughput phase's.
-  assert spec.steps_per_call == spec.throughput_steps_per_call
-  assert spec.max_steps % spec.steps_per_call == 0
-  c.eval_every_examples = 3 * 1024  # an eval every 3 steps, which 2,048 steps never hits
-  assert resolve(c, 8).steps_per_call == 1  # gcd(3, 2048): evals and budget both respected
+  assert spec.steps_per_call == steps_per_call
+  assert spec.max_steps == 7  # a budget is exact: calls may run fewer than K steps
+
+
+def test_steps_per_call_is_a_maximum_not_a_divisor():
+  # Any K is valid whatever the eval interval and budget: a trial's calls end at each.
+  for k in (3, 16, 64):
+    spec = resolve(digits(global_batch=256, eval_every_examples=2048, steps_per_call=k,
+                          max_examples=None, max_steps=21), 8)
+    assert (spec.eval_every_steps, spec.steps_per_call, spec.max_steps) == (8, k, 21)
+  # Steps per call are compiled in: programs differ by K, not by the eval interval.
+  a = resolve(digits(eval_every_examples=256), 8)
+  b = resolve(digits(eval_every_examples=4096), 8)
+  assert a.program_key == b.program_key and a.trial_id != b.trial_id
+  assert resolve(digits(steps_per_call=8), 8).program_key != a.program_key
 
 
 def test_devices_and_accumulation():
@@ -123,7 +95,6 @@ def test_devices_and_accumulation():
 def test_warmup_and_budgets_in_examples_become_steps():
   spec = resolve(digits(warmup_examples=100, max_examples=None, max_steps=20), 8)
   assert spec.warmup_steps == 4  # ceil(100 / 32)
-  assert spec.steps_per_call == 4  # gcd(eval every 8 steps, 20 steps)
   assert spec.max_steps == 20
   spec = resolve(digits(max_examples=1000, max_steps=16), 8)
   assert spec.max_steps == 16  # the smaller budget wins
@@ -151,7 +122,7 @@ def test_targets():
 def test_synthetic_config_has_no_evals_or_target():
   spec = resolve(load_config("synthetic_mlp", "batch=64,steps=24"), 8)
   assert spec.eval_every_steps is None and spec.target is None and spec.train_size is None
-  assert spec.max_steps == 24 and 24 % spec.steps_per_call == 0
+  assert spec.max_steps == 24 and spec.steps_per_call == 64  # a budget of 24 steps is exact
 
 
 def test_optimizer_options():
@@ -195,17 +166,19 @@ def test_lr_and_seed_share_one_program_and_throughput_point():
                  {"checkpoint_every_examples": 512}):
     b = resolve(digits(global_batch=64, **change), 8)
     assert b.trial_id != a.trial_id, change
-    assert (b.program_key(), b.point_id) == (a.program_key(), a.point_id), change
+    assert (b.program_key, b.point_id) == (a.program_key, a.point_id), change
   for change in ({"global_batch": 128}, {"accum_steps": 2}, {"num_devices": 4},
                  {"optimizer": "adam", "momentum": None}):
     b = resolve(digits(**{"global_batch": 64, **change}), 8)
-    assert b.program_key() != a.program_key() and b.point_id != a.point_id, change
+    assert b.program_key != a.program_key and b.point_id != a.point_id, change
   # The throughput phase's settings are part of its point, not of the program.
   b = resolve(digits(global_batch=64, **{"throughput.min_windows": 7}), 8)
-  assert b.program_key() == a.program_key() and b.point_id != a.point_id
-  # The trial and the throughput phase compile different programs when their calls differ.
-  assert a.steps_per_call != a.throughput_steps_per_call
-  assert a.program_key() != a.program_key(a.throughput_steps_per_call)
+  assert b.program_key == a.program_key and b.point_id != a.point_id
+  # How many steps a trial's call runs is a runtime value: the eval cadence, the budget
+  # and the checkpoint cadence share the program too.
+  for change in ({"eval_every_examples": 1024}, {"max_examples": 5000}):
+    b = resolve(digits(global_batch=64, **change), 8)
+    assert b.program_key == a.program_key and b.trial_id != a.trial_id, change
 
 
 def test_spec_round_trips_through_its_dict():
@@ -273,7 +246,6 @@ INVALID = [
     (digits(max_seconds=-1.0), "max_seconds", -1.0, "must be a positive number"),
     (digits(max_examples=None), "max_examples", None,
      "a budget is required: set max_examples, max_steps or max_seconds"),
-    (digits(steps_per_call=3), "steps_per_call", 3, r"must divide the eval interval"),
     (digits(steps_per_call=-1), "steps_per_call", -1, "must be an integer >= 0"),
     (digits(seed=-1), "seed", -1, "must be an integer >= 0"),
     (digits(memory_budget_bytes=0), "memory_budget_bytes", 0, "must be a positive integer"),

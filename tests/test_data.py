@@ -77,22 +77,24 @@ def test_synthetic_keys_are_one_per_step_and_micro_batch():
 def test_lookahead_feed_returns_the_prefetched_inputs_once():
   built = []
 
-  def feed(step):
-    built.append(step)
+  def feed(step, num_steps=None):
+    built.append((step, num_steps))
     return np.full((2,), step)
 
   ahead = LookaheadFeed(feed)
-  ahead.prefetch(4)
-  assert built == [4]
-  np.testing.assert_array_equal(ahead(4), [4, 4])
-  assert built == [4]  # served from the prefetch, not built again
-  np.testing.assert_array_equal(ahead(4), [4, 4])
-  assert built == [4, 4]  # a prefetch is used once
-  ahead.prefetch(6)
-  np.testing.assert_array_equal(ahead(8), [8, 8])  # another step: built, not the prefetch
-  assert built == [4, 4, 6, 8]
-  np.testing.assert_array_equal(ahead(6), [6, 6])  # the unused prefetch was dropped
-  assert built == [4, 4, 6, 8, 6]
+  ahead.prefetch(4, 2)
+  assert built == [(4, 2)]
+  np.testing.assert_array_equal(ahead(4, 2), [4, 4])
+  assert built == [(4, 2)]  # served from the prefetch, not built again
+  np.testing.assert_array_equal(ahead(4, 2), [4, 4])
+  assert built == [(4, 2)] * 2  # a prefetch is used once
+  ahead.prefetch(6, 2)
+  np.testing.assert_array_equal(ahead(8, 2), [8, 8])  # another step: built, not the prefetch
+  assert built == [(4, 2), (4, 2), (6, 2), (8, 2)]
+  np.testing.assert_array_equal(ahead(6, 2), [6, 6])  # the unused prefetch was dropped
+  ahead.prefetch(10, 2)
+  ahead(10, 1)  # the same first step but a shorter call: not the prefetched inputs
+  assert built[-2:] == [(10, 2), (10, 1)]
 
 
 # --- placement --------------------------------------------------------------------------

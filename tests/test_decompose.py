@@ -188,13 +188,13 @@ def test_rounding_is_the_float32_updates_distance_from_an_independent_float64_up
       config, num_devices=1, accum_steps=1, global_batch=256, target_metric="none",
       target_value=None, max_examples=None, max_seconds=None, max_steps=1), 8)
   assert spec.optimizer == "adam" and spec.warmup_steps == 2048 // 256
-  program = build(spec, steps_per_call=1, flops=False)
+  program = build(spec, flops=False)
   state = program.init_state(spec.seed, spec.lr)
   before = jax.device_get(state.params)
-  feed = program.feed(spec.seed)(0)
-  after32 = jax.device_get(program.train(state, program.data, feed)[0].params)
+  feed = program.feed(spec.seed)(0, 1)
+  after32 = jax.device_get(program.run(state, feed, 1)[0].params)
   train = program.workload.data().train
-  idx = feed.reshape(-1)
+  idx = feed[0].reshape(-1)
   # The peak LR is held in the float32 optimizer state, which the float64 update widens;
   # the warmup ramp's first step trains at 1/warmup_steps of it.
   after64 = _numpy_float64_update(before, train["inputs"][idx], train["labels"][idx],
@@ -224,13 +224,14 @@ def test_decompose_writes_one_row_per_split(decomposed):
 
 def _drop_last_micro_batch(make_train_call):
   """``make_train_call`` whose calls skip the last micro-batch of every accumulating step."""
-  def make(workload, mesh, tx, *, micro_batch, traces=None):
-    call = make_train_call(workload, mesh, tx, micro_batch=micro_batch, traces=traces)
+  def make(workload, mesh, tx, *, micro_batch, traces=None, **kwargs):
+    call = make_train_call(workload, mesh, tx, micro_batch=micro_batch, traces=traces,
+                           **kwargs)
 
-    def train_call(state, data, feed):
+    def train_call(state, data, feed, num_steps):
       if feed.shape[1] > 1:  # (steps, accum_steps, micro_batch) indices
         feed = feed[:, :-1]
-      return call(state, data, feed)
+      return call(state, data, feed, num_steps)
     return train_call
   return make
 

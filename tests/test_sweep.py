@@ -164,20 +164,17 @@ def test_one_throughput_point_per_batch_gives_time_to_target(swept):
       assert r["time_to_target_s"] is None
 
 
-def test_one_compile_per_program_shape(swept):
+def test_one_compile_per_batch(swept):
   specs, rows, cache = swept["specs"], swept["rows"], swept["cache"]
-  programs = {}  # batch -> the steps per call its throughput phase and trials need
-  for s in specs:
-    programs.setdefault(s.global_batch, set()).update(
-        {s.steps_per_call, s.throughput_steps_per_call})
-  assert {b: len(k) for b, k in programs.items()} == {32: 1, 64: 2}  # both cases covered
-  assert cache.compiles == sum(len(k) for k in programs.values()) == 3
-  for batch in programs:
+  batches = {s.global_batch for s in specs}
+  assert len(batches) == 2 and len({s.program_key for s in specs}) == 2
+  # One train program per batch: its throughput phase compiles it, then every LR and seed
+  # of the batch runs it (the call length is a runtime value, so evals need no other).
+  assert cache.compiles == len(batches)
+  for batch in batches:
     trials = [rows[s.trial_id] for s in specs if s.global_batch == batch]
     assert len(trials) == 6
-    # The first trial compiles its program unless the throughput phase already did.
-    assert trials[0]["compile_cached"] is (len(programs[batch]) == 1)
-    assert all(r["compile_cached"] is True for r in trials[1:])
+    assert all(r["compile_cached"] is True and r["traces"]["train"] == 1 for r in trials)
 
 
 def test_shared_program_gives_the_results_of_a_separately_compiled_trial(swept):

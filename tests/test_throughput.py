@@ -48,7 +48,7 @@ class FakeClock:
 def fixture_cache():
   """One compiled throughput program for every test here (settings are not compiled in)."""
   cache = ProgramCache()
-  cache.get(tiny_spec(), steps_per_call=K)
+  cache.get(tiny_spec())
   return cache
 
 
@@ -58,7 +58,7 @@ def measure_with(cache, spec, duration):
   Returns:
     The point's row and the number of train calls made.
   """
-  program, _ = cache.get(spec, steps_per_call=K)
+  program, _ = cache.get(spec)
   real = program.train
   clock, calls = FakeClock(), []
 

@@ -94,7 +94,7 @@ def _one_train_call(c):
   program = build(spec, flops=False)
   state = program.init_state(spec.seed, spec.lr)
   initial = jax.device_get(state.params)  # the state is donated to the call
-  state, metrics = program.train(state, program.data, program.feed(spec.seed)(0))
+  state, metrics = program.run(state, program.feed(spec.seed)(0))
   return initial, jax.device_get(state.params), np.asarray(metrics["loss"]), spec
 
 
@@ -140,12 +140,13 @@ def test_accumulated_update_equals_full_batch_update():
 
 
 def test_fused_calls_match_single_step_calls_and_stop_at_the_target():
-  """8 steps per call == 1 step per call; either way the trial ends at the target's eval."""
+  """64 steps per call (calls cut at each eval) == 1 step per call; either way the trial
+  ends at the target's eval."""
   common = dict(eval_every_examples=512, max_steps=64, target_metric="accuracy",
                 target_value=0.8)
   fused = run(small_digits(**common))
   stepwise = run(small_digits(**common, steps_per_call=1))
-  assert (fused["steps_per_call"], stepwise["steps_per_call"]) == (8, 1)
+  assert (fused["steps_per_call"], stepwise["steps_per_call"]) == (64, 1)
   assert fused["status"] == stepwise["status"] == "ok"
   target_step = stepwise["steps_to_target"]
   assert 8 < target_step < 64  # not met at the first eval, met before the budget
@@ -226,21 +227,23 @@ def test_train_call_never_retraces(two_step_program):
   feed = program.feed(spec.seed)
   sharding = batch_sharding(program.mesh, leading=2)
   state = program.init_state(spec.seed, spec.lr)
-  for first in range(0, 8, 2):
-    state, _ = step(state, program.data, jax.device_put(feed(first), sharding))
-  assert int(state.step) == 8
+  first = 0
+  for n in (2, 1, 2, 1):  # calls of different lengths: the step count is a runtime value
+    state, _ = step(state, program.data, jax.device_put(feed(first, n), sharding), np.int32(n))
+    first += n
+  assert int(state.step) == 6
   assert len(traces) == 1
   # The guard is live: a feed of another shape retraces, and chex says so.
   with pytest.raises(AssertionError, match="traced > 1 times"):
-    step(state, program.data, jax.device_put(feed(8)[:1], sharding))
+    step(state, program.data, jax.device_put(feed(8)[:1], sharding), np.int32(1))
 
 
 def test_compiled_call_refuses_other_shapes_instead_of_recompiling(two_step_program):
   program = two_step_program
   state = program.init_state(0, program.spec.lr)
-  wrong = np.zeros((1, 1, 64), np.int32)  # one step per call, where the program has two
+  wrong = np.zeros((1, 1, 64), np.int32)  # one step's feed, where the program has two
   with pytest.raises((TypeError, ValueError)):
-    program.train(state, program.data, wrong)
+    program.run(state, wrong, 1)
   assert len(program.train.traces) == 1
 
 
@@ -482,7 +485,7 @@ def test_dropout_draws_a_fresh_mask_every_step_and_call():
   same = np.repeat(one_step, 4, axis=0)  # every step of a call sees the same 64 examples
   losses = []
   for _ in range(2):
-    state, metrics = program.train(state, program.data, same)
+    state, metrics = program.run(state, same)
     losses.extend(np.asarray(metrics["loss"]).tolist())
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), initial)
   # Same params, same examples: only the dropout mask can change a step's loss, and it

@@ -138,7 +138,7 @@ def test_integer_token_workload_trains_through_the_harness():
   spec = config_lib.resolve(c, 8)
   program = build(spec, flops=False)
   state = program.init_state(spec.seed, spec.lr)
-  state, metrics = program.train(state, program.data, program.feed(spec.seed)(0))
+  state, metrics = program.run(state, program.feed(spec.seed)(0))
   losses = np.asarray(metrics["loss"])
   assert losses.shape == (spec.steps_per_call,) and np.isfinite(losses).all()
   assert int(state.step) == spec.steps_per_call and len(program.train.traces) == 1
@@ -224,7 +224,7 @@ def test_the_harness_adds_the_mask(name):
     data, feed = {}, jnp.zeros((1, 2), jnp.int32)
   else:
     data, feed = dict(w.data().train), jnp.zeros((1, 2, 4), jnp.int32)
-  jax.eval_shape(call, state, data, feed)  # traces the step: nothing runs
+  jax.eval_shape(call, state, data, feed, 1)  # traces the step: nothing runs
   assert seen and seen[0][MASK] == ((4,), jnp.float32)
   assert set(seen[0]) == {*w.example_spec, MASK}
   # And the mask it adds marks every training example as real.

@@ -28,12 +28,10 @@ NO_TARGET = "none"
 # MAX_AUTO_STEPS_PER_CALL steps): each call costs host time (dispatch ~0.15 ms, building
 # its inputs), which on a 2-core CPU also takes cores from XLA; benchmarks/overhead.py
 # measured 4,096 examples per call (K=4 at batch 1,024) about 5% slower than 32-64 steps.
+# K is only the most steps a call runs: a trial runs shorter calls up to each eval, so
+# evals, budgets and checkpoints fall on any step.
 AUTO_EXAMPLES_PER_CALL = 65_536
 MAX_AUTO_STEPS_PER_CALL = 64
-
-
-def _largest_divisor_at_most(n: int, cap: int) -> int:
-  return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
 
 
 def auto_steps_per_call(global_batch: int) -> int:
@@ -117,13 +115,11 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
   if workload.synthetic:
     require(max_steps or c.max_seconds, "max_steps", max_steps,
             f"{c.workload} is synthetic (no data to count examples of): set max_steps")
-  steps_per_call = _trial_steps_per_call(c.steps_per_call, global_batch, eval_every_steps,
-                                         max_steps)
+  steps_per_call = c.steps_per_call or auto_steps_per_call(global_batch)
 
   budget_steps = None
   if max_examples:
-    budget_steps = -(-scaling.examples_to_steps(max_examples, global_batch) // steps_per_call)
-    budget_steps *= steps_per_call  # whole calls
+    budget_steps = scaling.examples_to_steps(max_examples, global_batch)
   if max_steps:
     budget_steps = min(budget_steps or max_steps, max_steps)
   if c.schedule != "constant":
@@ -136,7 +132,6 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
       global_batch=global_batch,
       per_device_batch=global_batch // (num_devices * accum_steps), accum_steps=accum_steps,
       num_devices=num_devices, steps_per_call=steps_per_call,
-      throughput_steps_per_call=c.steps_per_call or auto_steps_per_call(global_batch),
       optimizer=c.optimizer, momentum=momentum, weight_decay=weight_decay,
       base_lr=float(c.base_lr), reference_batch=reference_batch, lr_rule=c.lr_rule,
       lr_multiplier=float(c.lr_multiplier), lr=float(lr), schedule=c.schedule,
@@ -187,23 +182,6 @@ def _throughput_settings(c) -> dict[str, float | int]:
   require(out["max_seconds"] >= out["min_seconds"], "throughput.max_seconds", t.max_seconds,
           f"must be at least throughput.min_seconds ({t.min_seconds})")
   return out
-
-
-def _trial_steps_per_call(requested: int, global_batch: int, eval_every_steps: int | None,
-                          max_steps: int | None) -> int:
-  """Steps per trial call: evals and a ``max_steps`` budget fall on call boundaries.
-
-  An eval interval longer than ``max_steps`` never fires, so it constrains nothing.
-  """
-  evals = eval_every_steps if not max_steps or (eval_every_steps or 0) <= max_steps else 0
-  boundary = math.gcd(evals or 0, max_steps or 0)
-  if requested == 0:
-    want = auto_steps_per_call(global_batch)
-    return _largest_divisor_at_most(boundary, want) if boundary else want
-  require(not boundary or boundary % requested == 0, "steps_per_call", requested,
-          f"must divide the eval interval and max_steps ({boundary} steps), so that evals "
-          "and the budget fall on call boundaries")
-  return requested
 
 
 def _resolve_target(c, workload) -> workloads_base.Target | None:

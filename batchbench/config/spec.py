@@ -6,10 +6,10 @@ Three identities come out of a spec, each a stable hash of a dict:
   (the learning rate and the seed among them, and ``MEASUREMENT_VERSION``). Rows
   and checkpoints are keyed by it; run options (checkpoint fallback) are not in it.
 * ``program_key``: what the compiled train program depends on. The learning rate,
-  the seed, the target and the budget in seconds are runtime values, so every LR
-  and seed of a batch shares one program.
-* ``point_id``: the throughput point of a batch: the program of the throughput
-  phase (its own ``steps_per_call``) and the phase's measurement settings.
+  the seed, the number of steps a call runs, the target and the budget are runtime
+  values, so every LR and seed of a batch, and its throughput phase, share one program.
+* ``point_id``: the throughput point of a batch: its program and the throughput
+  phase's measurement settings.
 
 ``benchmark`` drops ``measurement_version`` from the identity: ``compare`` matches
 tonight's rows to last night's by it, across code versions.
@@ -41,8 +41,7 @@ class TrialSpec:
   per_device_batch: int
   accum_steps: int
   num_devices: int
-  steps_per_call: int  # the trial's calls: evals and the budget fall on their boundaries
-  throughput_steps_per_call: int  # the throughput phase's calls (no evals to align with)
+  steps_per_call: int  # K: the most steps one compiled call runs (a call may run fewer)
   optimizer: str
   momentum: float | None  # sgd only
   weight_decay: float
@@ -70,7 +69,7 @@ class TrialSpec:
   # Fields that change neither the result nor what is measured.
   NOT_IDENTITY = ()
   # Fields that enter the compiled program as runtime values, or not at all.
-  NOT_PROGRAM = ("steps_per_call", "throughput_steps_per_call", "base_lr", "reference_batch",
+  NOT_PROGRAM = ("base_lr", "reference_batch",
                  "lr_rule", "lr_multiplier", "lr", "warmup_examples", "eval_every_examples",
                  "eval_every_steps", "max_steps", "max_seconds", "target", "seed",
                  "memory_budget_bytes", "checkpoint_every_examples", "throughput")
@@ -123,21 +122,20 @@ class TrialSpec:
     d.pop("measurement_version")
     return d
 
-  def program_identity(self, steps_per_call: int | None = None) -> dict[str, Any]:
-    """What the compiled train program depends on, for calls of ``steps_per_call`` steps
-    (default: the trial's). The schedule's horizon matters only when it decays."""
+  def program_identity(self) -> dict[str, Any]:
+    """What the compiled train program depends on. The schedule's horizon matters only
+    when it decays."""
     d = {k: v for k, v in self.to_dict().items() if k not in self.NOT_PROGRAM}
-    d["steps_per_call"] = steps_per_call or self.steps_per_call
-    d["warmup_steps"] = self.warmup_steps
     d["decay_steps"] = self.max_steps if self.schedule != "constant" else None
     return d
 
-  def program_key(self, steps_per_call: int | None = None) -> str:
-    return digest(self.program_identity(steps_per_call))
+  @property
+  def program_key(self) -> str:
+    return digest(self.program_identity())
 
   def point_benchmark(self) -> dict[str, Any]:
     """The throughput point's identity without the code version (``compare`` key)."""
-    d = self.program_identity(self.throughput_steps_per_call)
+    d = self.program_identity()
     d.pop("measurement_version")
     d["throughput"] = self.throughput_settings
     return d

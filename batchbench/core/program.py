@@ -5,8 +5,9 @@ their compiled calls from ``build`` (or a ``ProgramCache`` around it), so the
 sequence workload -> optimizer -> state -> data -> compiled calls exists once.
 
 A ``Program`` is keyed by ``TrialSpec.program_key``: the learning rate and the
-seed are runtime values (``Program.init_state(seed, lr)``), so one program serves
-every LR and seed of a batch. Calls are compiled ahead of time
+seed are runtime values (``Program.init_state(seed, lr)``), and so is the number of
+steps a call runs (up to K), so one program serves every LR and seed of a batch,
+its throughput phase and decompose's one-step update check. Calls are compiled ahead of time
 (``lower().compile()``), so compile seconds, memory and FLOPs are known before
 anything is timed, and a program can never recompile: the compiled object only
 accepts the shapes it was built for.
@@ -22,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -95,9 +97,12 @@ class Program:
 
   Attributes:
     spec: the spec the program was built for (its LR and seed are not compiled in).
-    steps_per_call: steps per train call (the trial's, or the throughput phase's).
+    steps_per_call: K, the most steps one train call runs.
     workload, mesh, tx: as built from the spec.
-    train: ``(state, data, feed) -> (state, {"loss": [K]})``, state donated.
+    train: ``(state, data, feed, num_steps) -> (state, metrics)``, state donated;
+      ``run`` calls it. Metrics are per-step arrays of length K (``loss``, and the
+      gradient norms of the noise scale when measured), valid for the first
+      ``num_steps`` entries.
     data: the training set on the devices (``{}`` for synthetic workloads).
     eval_data: the padded test set on the devices, or None (synthetic, or abstract).
     flops_per_step: XLA's FLOPs of one optimizer step, all devices (None if unknown).
@@ -112,19 +117,22 @@ class Program:
   data: Any
   eval_data: Any
   flops_per_step: float | None
-  _eval: CompiledCall | None = None
+  # The eval call does not depend on the batch: programs of one workload and mesh may
+  # share this one-element holder (ProgramCache does), so it is compiled once.
+  eval_slot: list = dataclasses.field(default_factory=lambda: [None])
 
   @property
   def eval(self) -> CompiledCall | None:
     """The eval call, compiled on first use; None without eval data."""
-    if self._eval is None and self.eval_data is not None:
+    if self.eval_slot[0] is None and self.eval_data is not None:
       repl = replicated(self.mesh)
       state = self.abstract_state()
       traces: list[int] = []
-      self._eval = aot(steps.make_eval_call(self.workload, traces),
-                       (state.params, state.model_state, _abstract(self.eval_data)),
-                       (repl, repl, batch_sharding(self.mesh, leading=1)), repl, traces)
-    return self._eval
+      self.eval_slot[0] = aot(steps.make_eval_call(self.workload, traces),
+                              (state.params, state.model_state, _abstract(self.eval_data)),
+                              (repl, repl, batch_sharding(self.mesh, leading=1)), repl,
+                              traces)
+    return self.eval_slot[0]
 
   def init_state(self, seed: int, lr: float) -> TrainState:
     """The initial state for ``seed`` with peak learning rate ``lr``, replicated.
@@ -143,8 +151,15 @@ class Program:
     shapes = jax.eval_shape(lambda: _host_init(self.workload, self.tx, 0, self.spec.lr))
     return _abstract(shapes, replicated(self.mesh))
 
+  def run(self, state: TrainState, feed: Any, num_steps: int | None = None):
+    """One train call of ``num_steps`` steps (default K) on the host ``feed`` array;
+    returns ``(state, metrics)`` with the metrics still on the device (K entries)."""
+    n = self.steps_per_call if num_steps is None else num_steps
+    return self.train(state, self.data, feed, np.int32(n))
+
   def feed(self, seed: int) -> feed_lib.LookaheadFeed:
-    """``feed(first_step)``: a call's inputs as a host array (pure in the step)."""
+    """``feed(first_step, num_steps=None)``: a call's inputs as a host array of K rows
+    (a pure function of the steps)."""
     k, accum = self.steps_per_call, self.spec.accum_steps
     if self.workload.synthetic:
       return feed_lib.LookaheadFeed(feed_lib.synthetic_keys(k, accum))
@@ -183,7 +198,8 @@ def flops_per_step(workload: Workload, spec: TrialSpec, tx, state: Any, data: An
   one = dataclasses.replace(spec, accum_steps=1, global_batch=spec.micro_batch)
   mesh = make_mesh(1)
   fn = steps.make_train_call(workload, mesh, tx, micro_batch=one.micro_batch)
-  args = (*_abstract((state, data)), _abstract(_feed_spec(workload, one, 1, mesh)))
+  args = (*_abstract((state, data)), _abstract(_feed_spec(workload, one, 1, mesh)),
+          jax.ShapeDtypeStruct((), jnp.int32))
   step = cost_flops(jax.jit(fn).lower(*args))
   if step is None:
     return None
@@ -194,19 +210,19 @@ def flops_per_step(workload: Workload, spec: TrialSpec, tx, state: Any, data: An
   return spec.accum_steps * step - (spec.accum_steps - 1) * update
 
 
-def build(spec: TrialSpec, *, mesh: Mesh | None = None, steps_per_call: int | None = None,
-          abstract: bool = False, flops: bool = True,
-          data: Any = None, arrays: Any = None) -> Program:
+def build(spec: TrialSpec, *, mesh: Mesh | None = None, abstract: bool = False,
+          flops: bool = True, data: Any = None, eval_data: Any = None,
+          arrays: Any = None) -> Program:
   """Builds and compiles the program of ``spec`` (its LR and seed are runtime values).
 
   Args:
     spec: the resolved trial.
     mesh: its mesh (default: a ``data`` mesh of ``spec.num_devices``).
-    steps_per_call: steps per train call (default: the trial's).
     abstract: compile against abstract state and data; nothing is placed on the
       devices (what ``probe`` needs). Such a program cannot run.
     flops: lower one step for XLA's FLOP count.
     data: the training set already on this mesh (shared between programs), if any.
+    eval_data: the padded test set already on this mesh, likewise.
     arrays: the loaded ``ArrayData``, if the caller has it.
 
   Returns:
@@ -214,27 +230,27 @@ def build(spec: TrialSpec, *, mesh: Mesh | None = None, steps_per_call: int | No
   """
   workload = get_workload(spec.workload, dict(spec.workload_options))
   mesh = mesh or make_mesh(spec.num_devices)
-  k = steps_per_call or spec.steps_per_call
+  k = spec.steps_per_call
   tx = optim.make_optimizer(spec)
   shapes = jax.eval_shape(lambda: _host_init(workload, tx, 0, spec.lr))
   state = _abstract(shapes, replicated(mesh))
-  eval_data = None
   if workload.synthetic:
-    data = {}
-  else:
+    data, eval_data = {}, None
+  elif data is None or (eval_data is None and not abstract):
     arrays = arrays if arrays is not None else workload.data()
     if data is None:
       data = (placement.abstract_train_data(arrays.train, mesh) if abstract
               else placement.put_train_data(arrays.train, mesh))
-    if not abstract:
+    if eval_data is None and not abstract:
       eval_data = placement.put_eval_data(arrays.test, mesh)
   repl = replicated(mesh)
   traces: list[int] = []
+  feed = _feed_spec(workload, spec, k, mesh)
+  num_steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
   train = aot(steps.make_train_call(workload, mesh, tx, micro_batch=spec.micro_batch,
                                     traces=traces),
-              (state, _abstract(data, repl), _feed_spec(workload, spec, k, mesh)),
-              (repl, repl, _feed_spec(workload, spec, k, mesh).sharding), repl, traces,
-              donate=(0,))
+              (state, _abstract(data, repl), feed, num_steps),
+              (repl, repl, feed.sharding, repl), repl, traces, donate=(0,))
   step_flops = flops_per_step(workload, spec, tx, shapes, data) if flops else None
   return Program(spec=spec, steps_per_call=k, workload=workload, mesh=mesh, tx=tx,
                  train=train, data=data, eval_data=None if abstract else eval_data,
@@ -242,30 +258,34 @@ def build(spec: TrialSpec, *, mesh: Mesh | None = None, steps_per_call: int | No
 
 
 class ProgramCache:
-  """Programs by program key, and placed training sets by workload, within a process.
+  """Programs by program key, and placed datasets and the eval call by workload and
+  mesh, within a process.
 
-  A sweep keeps one: every LR and seed of a batch then runs the same executable.
+  A sweep keeps one: every LR and seed of a batch (and its throughput phase) then runs
+  the same train executable, and every batch the same eval executable.
   """
 
   def __init__(self, flops: bool = True):
     self._flops = flops  # lower each program once more for XLA's FLOP count
     self._programs: dict[str, Program] = {}
-    self._data: dict[tuple, Any] = {}
+    self._data: dict[tuple, tuple[Any, Any, list]] = {}
     self.hits = 0
     self.compiles = 0
 
-  def get(self, spec: TrialSpec, *,
-          steps_per_call: int | None = None) -> tuple[Program, bool]:
+  def get(self, spec: TrialSpec) -> tuple[Program, bool]:
     """The program for ``spec``, and whether it came from this cache."""
-    key = spec.program_key(steps_per_call)
+    key = spec.program_key
     if key in self._programs:
       self.hits += 1
       return self._programs[key], True
     mesh = make_mesh(spec.num_devices)
     data_key = (spec.workload, spec.workload_options, tuple(d.id for d in mesh.devices.flat))
-    program = build(spec, mesh=mesh, steps_per_call=steps_per_call, flops=self._flops,
-                    data=self._data.get(data_key))
-    self._data[data_key] = program.data
+    shared = self._data.get(data_key)
+    program = build(spec, mesh=mesh, flops=self._flops, data=shared and shared[0],
+                    eval_data=shared and shared[1])
+    if shared is None:
+      shared = self._data[data_key] = (program.data, program.eval_data, program.eval_slot)
+    program.eval_slot = shared[2]
     self._programs[key] = program
     self.compiles += 1
     return program, False

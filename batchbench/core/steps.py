@@ -1,14 +1,28 @@
-"""The programs: a train call of K fused steps with gradient accumulation, and eval.
+"""The programs: a train call of up to K steps with gradient accumulation, and eval.
 
-One *train call* runs ``steps_per_call`` optimizer steps in a ``lax.scan`` so that
-small models are not bound by Python dispatch. Each step accumulates gradients
-over ``accum_steps`` micro-batches (an inner ``lax.scan``) of loss *sums*, divided
-by the total example count, so the update equals the update on the whole global
-batch. The model state (BatchNorm statistics) threads through the micro-batches;
-each micro-batch gets its own key, ``fold_in(fold_in(state.rng, step), i)``.
-Parameters are replicated and the batch is sharded along the mesh's ``data``
-axis; XLA inserts the gradient all-reduce (and, for BatchNorm over the batch
-axis, the statistics' all-reduce: batch statistics are global by default).
+One *train call* runs ``num_steps`` optimizer steps, a runtime value up to its
+compiled maximum K (``steps_per_call``), in a ``lax.fori_loop``, so that small
+models are not bound by Python dispatch, while a trial can still stop at any step
+(an eval, the budget, a checkpoint) with the same executable the throughput phase
+runs full. Each step accumulates gradients over ``accum_steps`` micro-batches (an
+inner ``lax.scan``) of loss *sums*, divided by the total example count, so the
+update equals the update on the whole global batch. The model state (BatchNorm
+statistics) threads through the micro-batches; each micro-batch gets its own key,
+``fold_in(fold_in(state.rng, step), i)``. Parameters are replicated and the batch
+is sharded along the mesh's ``data`` axis; XLA inserts the gradient all-reduce
+(and, for BatchNorm over the batch axis, the statistics' all-reduce: batch
+statistics are global by default).
+
+The gradient noise scale needs the squared norms of gradients over two batch
+sizes at every step (``analysis.noise``). They come without a second gradient:
+
+* ``micro_batches``: each accumulation micro-batch's gradient (B_small = the
+  micro-batch) and the step's (B_big = the global batch);
+* ``groups``: the micro-batch's gradient is computed per group of examples with
+  ``vmap`` (G groups of B/G), then summed. With G = the number of devices the
+  group axis lies on the data axis, so each device computes its own group's
+  gradient, as it would its share of the sum: the same FLOPs and communication.
+  Groups need a model without cross-example state (no BatchNorm statistics).
 
 These functions only build Python callables; ``core.program`` compiles them.
 """
@@ -32,6 +46,7 @@ from batchbench.workloads.base import Workload
 # throughput on CPU (benchmarks/overhead.py); a per-call pool keeps the inputs
 # changing from call to call at a cost amortised over the call's steps.
 SYNTHETIC_POOL = 2
+GNS_SOURCES = ("micro_batches", "groups")
 
 
 def _constrain(tree: Any, sharding) -> Any:
@@ -40,6 +55,10 @@ def _constrain(tree: Any, sharding) -> Any:
 
 def _take_rows(arrays, idx):
   return {name: a[idx] for name, a in arrays.items()}
+
+
+def _sq_norm(tree: Any) -> jax.Array:
+  return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 
 
 def micro_batches(workload: Workload, mesh: Mesh, micro_batch: int):
@@ -79,14 +98,22 @@ def micro_batches(workload: Workload, mesh: Mesh, micro_batch: int):
 
 
 def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransformation, *,
-                    micro_batch: int, traces: list[int] | None = None):
-  """The un-jitted train call ``(state, data, feed) -> (state, {"loss": [K]})``.
+                    micro_batch: int, gns: str | None = None, gns_groups: int = 1,
+                    traces: list[int] | None = None):
+  """The un-jitted train call ``(state, data, feed, num_steps) -> (state, metrics)``.
 
-  ``feed`` is ``(K, accum, micro_batch)`` example indices for an embedded dataset,
-  or ``(K, accum)`` integer keys for synthetic inputs. ``traces`` gets an entry
-  each time the body is traced (a compiled call must be traced exactly once).
+  ``feed`` is ``(K, accum, micro_batch)`` example indices for an embedded dataset, or
+  ``(K, accum)`` integer keys for synthetic inputs; only its first ``num_steps`` rows
+  are read. ``metrics`` are per-step arrays of length K (rows past ``num_steps`` are
+  0): ``loss``, and with ``gns`` the squared gradient norms ``grad_sq_small`` (mean
+  over groups or micro-batches) and ``grad_sq_big`` (the step's gradient).
+  ``traces`` gets an entry each time the body is traced (once for a good program).
   """
+  if gns not in (None, *GNS_SOURCES):
+    raise ValueError(f"gns={gns!r}: must be None or one of {GNS_SOURCES}")
   prepare, get = micro_batches(workload, mesh, micro_batch)
+  groups = gns_groups if gns == "groups" else 1
+  group_sharding = batch_sharding(mesh)  # the group axis on the data axis
 
   def loss_fn(params, model_state, batch, rng):
     out = workload.loss(params, model_state, batch, rng)
@@ -94,34 +121,65 @@ def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransforma
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+  def micro_grad(params, model_state, batch, key):
+    """(grad sum, loss sum, count, model state, sum over groups of |group mean grad|^2)."""
+    if groups == 1:
+      (_, out), g = grad_fn(params, model_state, batch, key)
+      return g, out.loss_sum, out.count, out.model_state, 0.0
+    grouped = jax.tree.map(lambda a: a.reshape(groups, a.shape[0] // groups, *a.shape[1:]),
+                           batch)
+    grouped = _constrain(grouped, group_sharding)
+    keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(jnp.arange(groups))
+    (_, out), g = jax.vmap(grad_fn, in_axes=(None, None, 0, 0))(params, model_state,
+                                                                 grouped, keys)
+    sq = jax.vmap(lambda gi, c: _sq_norm(jax.tree.map(lambda x: x / c, gi)))(g, out.count)
+    return (jax.tree.map(lambda x: jnp.sum(x, axis=0), g), jnp.sum(out.loss_sum),
+            jnp.sum(out.count), model_state, jnp.sum(sq))
+
   def train_step(state: TrainState, data, step_feed):
     step_key = jax.random.fold_in(state.rng, state.step)
 
     def accumulate(carry, xs):
-      grads, loss_sum, count, model_state = carry
+      grads, loss_sum, count, model_state, sq_small = carry
       i, micro_feed = xs
       batch = get(data, micro_feed)
-      (_, out), g = grad_fn(state.params, model_state, batch, jax.random.fold_in(step_key, i))
-      return (jax.tree.map(jnp.add, grads, g), loss_sum + out.loss_sum, count + out.count,
-              out.model_state), None
+      g, micro_loss, micro_count, model_state, group_sq = micro_grad(
+          state.params, model_state, batch, jax.random.fold_in(step_key, i))
+      if gns == "micro_batches":
+        group_sq = _sq_norm(jax.tree.map(lambda x: x / micro_count, g))
+      return (jax.tree.map(jnp.add, grads, g), loss_sum + micro_loss, count + micro_count,
+              model_state, sq_small + group_sq), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     accum = step_feed.shape[0]
-    (grads, loss_sum, count, model_state), _ = jax.lax.scan(
-        accumulate, (zeros, 0.0, 0.0, state.model_state), (jnp.arange(accum), step_feed))
+    (grads, loss_sum, count, model_state, sq_small), _ = jax.lax.scan(
+        accumulate, (zeros, 0.0, 0.0, state.model_state, 0.0),
+        (jnp.arange(accum), step_feed))
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               model_state=model_state)
-    return new_state, loss_sum / count
+    metrics = {"loss": loss_sum / count}
+    if gns is not None:
+      metrics["grad_sq_small"] = sq_small / (accum * groups)
+      metrics["grad_sq_big"] = _sq_norm(grads)
+    return new_state, metrics
 
-  def train_call(state: TrainState, data, feed):
+  def train_call(state: TrainState, data, feed, num_steps):
     if traces is not None:
       traces.append(1)
     prepared = prepare(data, feed, state.rng)
-    state, losses = jax.lax.scan(lambda s, f: train_step(s, prepared, f), state, feed)
-    return state, {"loss": losses}
+    k = feed.shape[0]
+    shapes = jax.eval_shape(lambda s: train_step(s, prepared, feed[0])[1], state)
+    buffers = jax.tree.map(lambda s: jnp.zeros((k, *s.shape), s.dtype), shapes)
+
+    def body(i, carry):
+      state, buffers = carry
+      state, metrics = train_step(state, prepared, feed[i])
+      return state, jax.tree.map(lambda b, m: b.at[i].set(m), buffers, metrics)
+
+    return jax.lax.fori_loop(0, num_steps, body, (state, buffers))
 
   return train_call
 

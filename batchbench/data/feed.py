@@ -48,34 +48,39 @@ class EpochIndexFeeder:
     start = pos * self.global_batch
     return self._permutation(epoch)[start:start + self.global_batch]
 
-  def call_indices(self, first_step: int) -> np.ndarray:
-    """Indices for steps ``first_step .. first_step + steps_per_call - 1``.
+  def call_indices(self, first_step: int, num_steps: int | None = None) -> np.ndarray:
+    """Indices for steps ``first_step .. first_step + num_steps - 1`` (default all K).
 
-    Copies one contiguous run of the permutation per epoch the call touches (a
-    view, without copying, when it stays within one epoch).
+    The array always has the call's K rows (the compiled shape); rows past
+    ``num_steps`` are 0 and never read. One contiguous run of the permutation is
+    copied per epoch the call touches (a view, without copying, for a full call
+    within one epoch).
 
     Returns:
       int32 array of shape ``(steps_per_call, accum_steps, global_batch // accum_steps)``.
     """
     k, batch = self.steps_per_call, self.global_batch
+    n = k if num_steps is None else num_steps
     epoch, pos = divmod(first_step, self.steps_per_epoch)
-    if pos + k <= self.steps_per_epoch:
+    if n == k and pos + k <= self.steps_per_epoch:
       out = self._permutation(epoch)[pos * batch:(pos + k) * batch]
     else:
-      out = np.empty(k * batch, np.int32)
+      out = np.zeros(k * batch, np.int32)
       done = 0
-      while done < k:
-        n = min(k - done, self.steps_per_epoch - pos)
+      while done < n:
+        m = min(n - done, self.steps_per_epoch - pos)
         perm = self._permutation(epoch)
-        out[done * batch:(done + n) * batch] = perm[pos * batch:(pos + n) * batch]
-        done += n
+        out[done * batch:(done + m) * batch] = perm[pos * batch:(pos + m) * batch]
+        done += m
         epoch, pos = epoch + 1, 0
     return out.reshape(k, self.accum_steps, -1)
 
 
-def synthetic_keys(steps_per_call: int, accum_steps: int) -> Callable[[int], np.ndarray]:
-  """``feed(first_step)`` for synthetic inputs: one integer key per (step, micro-batch)."""
-  def keys(first_step: int) -> np.ndarray:
+def synthetic_keys(steps_per_call: int, accum_steps: int) -> Callable[..., np.ndarray]:
+  """``feed(first_step, num_steps=None)`` for synthetic inputs: one integer key per
+  (step, micro-batch), as a function of the step alone."""
+  def keys(first_step: int, num_steps: int | None = None) -> np.ndarray:
+    del num_steps  # keys past the call's steps are never read
     flat = np.arange(first_step * accum_steps, (first_step + steps_per_call) * accum_steps,
                      dtype=np.int64)
     return (flat.reshape(steps_per_call, accum_steps) % (2**31 - 1)).astype(np.int32)
@@ -83,23 +88,24 @@ def synthetic_keys(steps_per_call: int, accum_steps: int) -> Callable[[int], np.
 
 
 class LookaheadFeed:
-  """``feed(first_step)`` that can build the next call's inputs ahead of time.
+  """``feed(first_step, num_steps)`` that can build the next call's inputs ahead of time.
 
   Dispatch is asynchronous, so after dispatching a call the loop calls
-  ``prefetch(next_step)``: the host builds the next call's inputs while the
-  device runs the current one, and ``feed(next_step)`` then returns them at once.
-  The inputs are a pure function of the step, so computing them early changes nothing.
+  ``prefetch(next_step, num_steps)``: the host builds the next call's inputs while
+  the device runs the current one, and ``feed(next_step, num_steps)`` then returns
+  them at once. The inputs are a pure function of the steps, so computing them early
+  changes nothing.
   """
 
-  def __init__(self, feed: Callable[[int], np.ndarray]):
+  def __init__(self, feed: Callable[..., np.ndarray]):
     self._feed = feed
-    self._ahead: tuple[int, np.ndarray] | None = None
+    self._ahead: tuple[tuple[int, int | None], np.ndarray] | None = None
 
-  def __call__(self, first_step: int) -> np.ndarray:
+  def __call__(self, first_step: int, num_steps: int | None = None) -> np.ndarray:
     ahead, self._ahead = self._ahead, None
-    if ahead is not None and ahead[0] == first_step:
+    if ahead is not None and ahead[0] == (first_step, num_steps):
       return ahead[1]
-    return self._feed(first_step)
+    return self._feed(first_step, num_steps)
 
-  def prefetch(self, first_step: int) -> None:
-    self._ahead = (first_step, self._feed(first_step))
+  def prefetch(self, first_step: int, num_steps: int | None = None) -> None:
+    self._ahead = ((first_step, num_steps), self._feed(first_step, num_steps))

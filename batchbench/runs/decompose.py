@@ -102,7 +102,7 @@ def one_update(program: Program) -> Any:
   seed's first batch (both independent of the split)."""
   spec = program.spec
   state = program.init_state(spec.seed, spec.lr)
-  new_state, _ = program.train(state, program.data, program.feed(spec.seed)(0))
+  new_state, _ = program.run(state, program.feed(spec.seed)(0, 1), 1)
   return jax.device_get(new_state.params)
 
 
@@ -115,12 +115,12 @@ def float64_update(spec: TrialSpec) -> Any:
   widen = lambda a: (a.astype(jnp.float64) if hasattr(a, "dtype")
                      and jnp.issubdtype(a.dtype, jnp.floating) else a)
   with jax.enable_x64(True):
-    program = build(one, steps_per_call=1, flops=False)
+    program = build(one, flops=False)
     state = jax.tree.map(widen, program.init_state(one.seed, one.lr))
     data = jax.tree.map(widen, program.data)
     train = jax.jit(steps.make_train_call(program.workload, program.mesh, program.tx,
                                           micro_batch=one.micro_batch))
-    new_state, _ = train(state, data, program.feed(one.seed)(0))
+    new_state, _ = train(state, data, program.feed(one.seed)(0, 1), np.int32(1))
     return jax.device_get(new_state.params)
 
 
@@ -170,21 +170,21 @@ def run_decompose(config: ml_collections.ConfigDict, workdir: str,
   workdir = open_workdir(workdir)
 
   check = not get_workload(base.workload, dict(base.workload_options)).synthetic
-  first = build(base, steps_per_call=1, flops=False)
+  cache = ProgramCache(flops=False)
+  first, _ = cache.get(base)  # the 1-device, no-accumulation split's program
   before = jax.device_get(first.init_state(base.seed, base.lr).params)
   reference = float64_update(base) if check else None
   rounding = (max(update_error(before, one_update(first), reference),
                   np.finfo(np.float32).eps * math.sqrt(batch)) if check else None)
   tolerance = ROUNDING_FACTOR * rounding if check else None
   rows = []
-  cache = ProgramCache(flops=False)
   log(f"[decompose {base.workload} B={batch}] up to {limit} device(s); "
       + (f"tolerance {tolerance:.1e} (float32 rounding {rounding:.1e} x {ROUNDING_FACTOR:g})"
          if check else "synthetic inputs: equivalence not checked"))
   for s in splits(batch, limit):
     spec = resolve(with_fields(config, num_devices=s.num_devices, accum_steps=s.accum_steps,
                                **fields), available)
-    program, _ = cache.get(spec, steps_per_call=spec.throughput_steps_per_call)
+    program, _ = cache.get(spec)
     m = program.train.memory
     row = {"num_devices": s.num_devices, "per_device_batch": s.per_device_batch,
            "accum_steps": s.accum_steps, "global_batch": batch,
@@ -198,8 +198,7 @@ def run_decompose(config: ml_collections.ConfigDict, workdir: str,
       log(f"  {_label(row)}: compiled peak {format_bytes(m['peak_bytes'])} over budget; not run")
       continue
     if check:
-      step = build(spec, steps_per_call=1, flops=False, data=program.data)
-      row["error_vs_x64"] = update_error(before, one_update(step), reference)
+      row["error_vs_x64"] = update_error(before, one_update(program), reference)
       row["equivalent"] = row["error_vs_x64"] <= tolerance
     point = throughput.measure(spec, cache=cache)
     iqr = point["samples_per_sec_iqr"] or [None, None]

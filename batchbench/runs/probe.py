@@ -326,16 +326,17 @@ def measure_device_peak(spec: TrialSpec, mesh, calls: int = 3,
     predicted), or None where the runtime reports no memory.
   """
   program = build(spec, mesh=mesh, flops=False)
-  state, feed, call = program.init_state(spec.seed, spec.lr), program.feed(spec.seed), program.train
+  state, feed = program.init_state(spec.seed, spec.lr), program.feed(spec.seed)
   for i in range(calls):
-    state, metrics = call(state, program.data, feed(i * program.steps_per_call))
+    state, metrics = program.run(state, feed(i * program.steps_per_call))
   jax.block_until_ready((state, metrics))
   peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in mesh.devices.flat]
   peaks = [int(p) for p in peaks if p is not None]
-  if not peaks or not call.memory.get("peak_bytes"):
+  predicted = program.train.memory.get("peak_bytes")
+  if not peaks or not predicted:
     return None
-  out = {"global_batch": spec.global_batch, "predicted_peak_bytes": call.memory["peak_bytes"],
-         "measured_peak_bytes": max(peaks), "ratio": max(peaks) / call.memory["peak_bytes"]}
+  out = {"global_batch": spec.global_batch, "predicted_peak_bytes": predicted,
+         "measured_peak_bytes": max(peaks), "ratio": max(peaks) / predicted}
   if log:
     log(f"  measured at batch {spec.global_batch}: peak_bytes_in_use "
         f"{format_bytes(out['measured_peak_bytes'])} vs predicted "

@@ -2,7 +2,7 @@
 
 A sweep point is (workload, global batch, split, devices, code version). Its
 throughput is measured with pure train calls (no evals, no checkpoints), on the
-program the point compiles for ``throughput_steps_per_call`` steps per call:
+program every trial of the batch runs, each call running its full K steps:
 
 1. ``warmup_calls`` calls are run and discarded (the first may still allocate);
 2. one more call is timed alone to size a window: ``min_seconds / min_windows``
@@ -60,14 +60,14 @@ def measure(spec: TrialSpec, *, cache: ProgramCache | None = None,
   """
   log = log or (lambda _: None)
   settings = spec.throughput_settings
-  k = spec.throughput_steps_per_call
+  k = spec.steps_per_call
   peak = PeakTracker(jax.local_devices()[:spec.num_devices])
   peak.start()
   start = time.perf_counter()
   if cache is None:
-    program, hit = build(spec, steps_per_call=k), False
+    program, hit = build(spec), False
   else:
-    program, hit = cache.get(spec, steps_per_call=k)
+    program, hit = cache.get(spec)
   obtain_s = time.perf_counter() - start
   budget, peak_bytes = spec.memory_budget_bytes, program.train.memory.get("peak_bytes")
   if budget and peak_bytes is not None and peak_bytes > budget:
@@ -81,7 +81,7 @@ def measure(spec: TrialSpec, *, cache: ProgramCache | None = None,
     nonlocal step
     outs = []
     for _ in range(n):
-      state, metrics = program.train(state, program.data, feed(step))
+      state, metrics = program.run(state, feed(step))
       outs.append(metrics)
       step += k
       feed.prefetch(step)

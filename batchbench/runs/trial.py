@@ -5,15 +5,15 @@ target at one (batch, LR, seed); how *fast* a step is comes from the batch's
 throughput point (``runs.throughput``), measured apart from evals and
 checkpoints. The trial still times its own windows, a secondary figure.
 
-The loop, per window: dispatch compiled train calls (each ``steps_per_call``
-steps; the next call's inputs are built on the host while the device works),
-close the window with ``jax.block_until_ready``, check the losses for divergence
-and, at an eval boundary (evals and the budget fall on call boundaries), evaluate
-and check the target. Every second goes to a ledger bucket (setup, compile,
+The loop, per window: dispatch compiled train calls (each up to ``steps_per_call``
+steps, ending exactly at the next eval, the budget or a checkpoint; the next call's
+inputs are built on the host while the device works), close the window with
+``jax.block_until_ready``, check the losses for divergence and, at an eval
+boundary, evaluate and check the target. Every second goes to a ledger bucket (setup, compile,
 train, eval, checkpoint).
 
 With a trial directory the loop checkpoints every ``checkpoint_every_examples``
-at the next call boundary, on SIGTERM and at the end; a rerun resumes from the
+(at that step), on SIGTERM (at the next call boundary) and at the end; a rerun resumes from the
 latest checkpoint. What is saved is the train state and ``LoopState``, the one
 dataclass that holds everything else the loop needs (the step, which is also the
 data position; the eval history, target fields, status, time ledger, windows).
@@ -169,8 +169,7 @@ class Trial:
     drop_window = resume  # the first window after a restore is a warm-up, like the first
     k = program.steps_per_call
     every = spec.eval_every_steps
-    window_steps = (every if every else
-                    max(1, WINDOW_EXAMPLES // (k * spec.global_batch)) * k)
+    window_steps = every or max(1, WINDOW_EXAMPLES // (k * spec.global_batch)) * k
     evaluate = program.eval is not None
     last_log = self.clock()
     self.log(f"[{spec.workload} B={spec.global_batch} lr={spec.lr:.4g} seed={spec.seed}] "
@@ -178,26 +177,32 @@ class Trial:
              f"{spec.accum_steps}, {k} steps/call, program "
              + ("from cache" if got.cached else f"compiled in {got.seconds:.2f}s"))
 
-    while loop.status is None:
-      start_step = loop.step
-      end = (loop.step // window_steps + 1) * window_steps
+    def window_end(step: int) -> int:  # the next eval (or window), budget or checkpoint
+      end = (step // window_steps + 1) * window_steps
       if spec.max_steps:
         end = min(end, spec.max_steps)
+      return min(end, next_save) if next_save else end
+
+    while loop.status is None:
+      start_step = loop.step
       next_save = self._next_checkpoint(saved_step) if self.ckpt is not None else None
-      if next_save:
-        end = min(end, next_save)
+      end = window_end(loop.step)
       preempted, losses = False, []
       timer.start()
       train_start = self.clock()
       while loop.step < end:
+        n = min(k, end - loop.step)
         with self.ledger.measure("input_wait"):
-          call_feed = feed(loop.step)
-        state, metrics = program.train(state, program.data, call_feed)
-        losses.append(metrics["loss"])
-        loop.step += k
+          call_feed = feed(loop.step, n)
+        state, metrics = program.run(state, call_feed, n)
+        losses.append((metrics["loss"], n))
+        loop.step += n
+        # The next call's inputs, while the device runs this one (a checkpoint that cuts
+        # the next window's first call shorter only costs building them again).
+        ahead = end if loop.step < end else window_end(loop.step)
         if not spec.max_steps or loop.step < spec.max_steps:
-          feed.prefetch(loop.step)  # while the device runs the call just dispatched
-        if self.watch.check(loop.step, k):
+          feed.prefetch(loop.step, min(k, ahead - loop.step))
+        if self.watch.check(loop.step, n):
           preempted = True
           break
       jax.block_until_ready((state, losses))
@@ -207,7 +212,7 @@ class Trial:
       drop_window = False
       self.ledger.add("train", self.clock() - train_start)
 
-      window_losses = np.concatenate([np.asarray(x) for x in jax.device_get(losses)])
+      window_losses = np.concatenate([np.asarray(x)[:n] for x, n in jax.device_get(losses)])
       loop.last_loss = float(window_losses[-1])
       bad = np.flatnonzero(~np.isfinite(window_losses))
       if bad.size:
@@ -289,14 +294,13 @@ class Trial:
     return self.ckpt.step_path(self.loop.step) if self.ckpt is not None else None
 
   def _next_checkpoint(self, saved_step: int) -> int | None:
-    """The first call boundary at or past the next ``checkpoint_every_examples`` multiple."""
+    """The first step at or past the next ``checkpoint_every_examples`` multiple."""
     spec = self.spec
     every = spec.checkpoint_every_examples
     if not every:
       return None
     examples = (saved_step * spec.global_batch // every + 1) * every
-    steps = -(-examples // spec.global_batch)
-    return -(-steps // spec.steps_per_call) * spec.steps_per_call
+    return -(-examples // spec.global_batch)
 
   def _progress(self, window: Window) -> None:
     spec, loop = self.spec, self.loop
