@@ -186,7 +186,8 @@ def _trial(config, workdir, log) -> int:
          "each batch's throughput point, then the report",
          flags_=("isolation", "memory_budget", "compilation_cache_dir"),
          fields=("sweep.global_batches or sweep.batch_range", "sweep.lr_multipliers",
-                 "sweep.seeds", "sweep.lr_rule, sweep.reference_batch, "
+                 "sweep.seeds", "sweep.lr_search.enabled, sweep.lr_search.factor, "
+                 "sweep.lr_search.max_extensions", "sweep.lr_rule, sweep.reference_batch, "
                  "sweep.warmup_examples, sweep.schedule", *TRIAL_FIELDS),
          example="batchbench sweep --config=configs/digits_mlp.py --workdir=/tmp/sweep "
                  "--config.sweep.seeds='(0,1)'")
@@ -195,7 +196,7 @@ def _sweep(config, workdir, log) -> int:
 
   from batchbench.runs import sweep  # pylint: disable=g-import-not-at-top
 
-  specs = sweep.expand(_with_memory_budget(config), jax.local_device_count())
+  specs, search = sweep.plan(_with_memory_budget(config), jax.local_device_count())
   workdir = _open_workdir(workdir, config)
   cache_dir = _CACHE_DIR.value
   if _ISOLATION.value == "none":
@@ -204,7 +205,7 @@ def _sweep(config, workdir, log) -> int:
       config_path=_config_path(), compilation_cache_dir=cache_dir,
       fallback_to_previous_checkpoint=config.fallback_to_previous_checkpoint)
   summary = sweep.run_sweep(specs, workdir, isolation=_ISOLATION.value, log=log,
-                            options=options)
+                            options=options, search=search)
   counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["statuses"].items())) or "none"
   print(f"sweep: {summary['ran']} trial(s) run ({counts}), {summary['skipped']} already done, "
         f"{summary['points']} throughput point(s)")

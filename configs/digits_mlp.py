@@ -25,5 +25,5 @@ def get_config(arg=None):
   c.target_value = 0.96
   c.sweep.global_batches = (8, 16, 32, 64, 128, 256, 512, 1024)
   c.sweep.lr_multipliers = (0.5, 1.0, 2.0)
-  c.sweep.seeds = (0,)
+  c.sweep.seeds = (0, 1)
   return c

@@ -216,6 +216,7 @@ def test_multiprocess_preemption_stops_every_process_at_the_same_call(tmp_path):
 # A two-batch sweep: 4-step calls and a checkpoint every call, so kills land mid-trial;
 # a short throughput phase (its settings are part of every trial's identity).
 SWEEP = {"sweep.global_batches": (32, 64), "sweep.lr_multipliers": (1.0,),
+         "sweep.seeds": (0,), "sweep.lr_search.enabled": False,
          "workload_options.hidden": (64,), "num_devices": 2, "target_value": 0.95,
          "checkpoint_every_examples": 128, "steps_per_call": 4, "throughput.min_windows": 3,
          "throughput.min_seconds": 0.05, "throughput.max_seconds": 0.5}

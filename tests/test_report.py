@@ -113,7 +113,7 @@ SWEEP = {
     32: {0.5: [500], 1.0: [380, 600, 390], 2.0: [385]},
     # x2 has the fewest steps in one seed, but 2 of its 3 seeds missed: not reached.
     64: {0.5: [320], 1.0: [300], 2.0: [250, None, None]},
-    # x0.5 reached with 1 of 2 seeds: its lower median is that seed's 270 steps.
+    # x0.5 reached with only 1 of 2 seeds: its median is infinite, so x1 (280) wins.
     128: {0.5: [270, None], 1.0: [280], 2.0: ["diverged"]},
     # No LR reached: the trial that trained longest stands for the batch.
     256: {0.5: [("missed", 2000)], 1.0: [("missed", 2400)], 2.0: [("missed", 1800)]},
@@ -158,23 +158,26 @@ def fixture_report(workdir):
 
 
 def expected_best(rows):
-  """Best trial per batch, recomputed plainly from the documented rule: per LR the lower
-  median of steps over seeds (a missed seed counts as infinite); the fewest wins; if
-  none reached, the non-failed trial with the most steps."""
+  """Best trial per batch, recomputed plainly from the documented rule: per LR the median
+  of steps over seeds (a missed seed counts as infinite); the fewest wins; the seed
+  closest to the median stands for it; if none reached, the non-failed trial with the
+  most steps."""
   best = {}
   for batch in sorted({r["global_batch"] for r in rows}):
     trials = [r for r in rows if r["global_batch"] == batch]
     medians = {}
     for mult in {r["lr_multiplier"] for r in trials}:
       seeds = [r for r in trials if r["lr_multiplier"] == mult]
-      median = statistics.median_low(
+      median = statistics.median(
           r["steps_to_target"] if r["status"] == "ok" else math.inf for r in seeds)
       if median != math.inf:
         medians[mult] = median
     if medians:
       mult = min(medians, key=lambda m: (medians[m], m))  # ties: the lower LR
-      best[batch] = next(r for r in trials if r["lr_multiplier"] == mult
-                         and r["steps_to_target"] == medians[mult])
+      best[batch] = min((r for r in trials if r["lr_multiplier"] == mult
+                         and r["status"] == "ok"),
+                        key=lambda r: (abs(r["steps_to_target"] - medians[mult]),
+                                       r["steps_to_target"], r["seed"]))
     else:
       ran = [r for r in trials if r["status"] not in ("diverged", "oom", "error")]
       best[batch] = max(ran, key=lambda r: r["steps"]) if ran else trials[0]
@@ -239,12 +242,25 @@ def test_summary_csv_is_the_best_lr_per_batch_with_the_points_speed(workdir, out
   by_batch = {int(r["global_batch"]): r for r in table}
   assert float(by_batch[32]["lr_multiplier"]) == 2.0  # median over seeds, not best seed
   assert float(by_batch[64]["lr_multiplier"]) == 1.0  # x2: only 1 of 3 seeds reached
+  # x0.5 reached with 1 of its 2 seeds (median infinite): x1, with its 1 seed, wins.
   assert (float(by_batch[128]["lr_multiplier"]), by_batch[128]["seeds_reached"],
-          by_batch[128]["seeds_at_lr"]) == (0.5, "1", "2")
+          by_batch[128]["seeds_at_lr"]) == (1.0, "1", "1")
   assert float(by_batch[16]["steps_to_target"]) == 800
   assert (by_batch[256]["status"], value(by_batch[256]["lr_multiplier"])) == (
       "target_not_reached", 1.0)  # the longest-trained of the batch
   assert by_batch[512]["status"] == "oom"
+
+
+def test_two_seeds_take_their_mean_not_the_faster_seed():
+  # x0.5's seeds took 300 and 400 steps: a median of 350, so x1 (340 at both) is better,
+  # though x0.5 has the single fastest seed.
+  rows = sweep_rows({64: {0.5: [300, 400], 1.0: [340, 340]}})
+  (best,) = best_per_batch(rows, [])
+  assert best["lr_multiplier"] == 1.0 and best["steps_to_target"] == 340
+  (best,) = best_per_batch(sweep_rows({64: {0.5: [300, 400], 1.0: [360, 360]}}), [])
+  assert best["lr_multiplier"] == 0.5 and best["steps_to_target"] == 350
+  assert (best["steps_min"], best["steps_max"]) == (300, 400)
+  assert best["examples_to_target"] == 350 * 64
 
 
 def test_best_lr_has_fewest_median_steps(workdir):
@@ -253,7 +269,7 @@ def test_best_lr_has_fewest_median_steps(workdir):
     trials = [r for r in rows if r["global_batch"] == best["global_batch"]]
 
     def median(mult, trials=trials):
-      return statistics.median_low(r["steps_to_target"] if r["status"] == "ok" else math.inf
+      return statistics.median(r["steps_to_target"] if r["status"] == "ok" else math.inf
                                    for r in trials if r["lr_multiplier"] == mult)
 
     if best["steps_to_target"] is None:
@@ -353,7 +369,7 @@ def test_every_warning_is_true_of_the_rows_and_the_table(workdir, out):
   (edge,) = find("edge of the LRs tried")
   at_edge = sorted(b for b, r in table.items()
                    if r["lr_interior"] == "False" and r["steps_to_target"] != "")
-  assert sorted(int(b) for b in re.findall(r"(\d+) \(×", edge)) == at_edge == [16, 32, 128]
+  assert sorted(int(b) for b in re.findall(r"(\d+) \(×", edge)) == at_edge == [16, 32]
   (thin,) = find("fewer than 3 timed windows")
   assert [b for b, r in table.items() if r["timed_windows"] not in ("", "7")] == [THIN_BATCH]
   (missing,) = find("No throughput point")

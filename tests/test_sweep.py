@@ -448,22 +448,33 @@ def test_process_isolation_shares_programs_through_the_persistent_cache(isolated
 
 # --- the command -------------------------------------------------------------------------
 
-def test_sweep_cli_runs_and_writes_report(tmp_path):
+def test_sweep_cli_runs_searches_lrs_and_writes_report(tmp_path):
   workdir = tmp_path / "cli"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   cmd = [sys.executable, "-m", "batchbench", "sweep", "--config=configs/digits_mlp.py",
          f"--workdir={workdir}", "--config.sweep.global_batches=(64,128)",
-         "--config.sweep.lr_multipliers=(1.0,)", "--config.max_examples=2048",
+         "--config.sweep.lr_multipliers=(1.0,)", "--config.sweep.seeds=(0,)",
+         "--config.sweep.lr_search.max_extensions=1", "--config.max_examples=2048",
          "--config.workload_options.hidden=(32,)", "--config.throughput.min_seconds=0.05",
-         "--config.steps_per_call=2"]  # an eval every 4 and 2 steps: one program per batch
+         "--config.steps_per_call=2"]
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert "[trial 2/2]" in out.stdout and "2 throughput point(s)" in out.stdout
+  assert "2 throughput point(s)" in out.stdout
   assert (workdir / "report" / "report.html").exists()
-  assert len(results.read_results(str(workdir))) == 2
+  rows = results.read_results(str(workdir))
+  # One LR per batch is at both edges: the search tried one step beyond, up and/or down.
+  decisions = {d["global_batch"]: d for d in results.read_jsonl(
+      str(workdir / sweep.LR_SEARCH_FILE))}
+  assert sorted(decisions) == [64, 128]
+  for batch, d in decisions.items():
+    tried = sorted({r["lr_multiplier"] for r in rows if r["global_batch"] == batch})
+    assert d["lr_multipliers"] == tried and len(tried) >= 2
+    assert set(tried) <= {0.5, 1.0, 2.0}  # one extension per direction at most
+    assert d["reason"] in ("interior", "diverged_beyond", "limit", "none_reached")
   points = lines_of(workdir / results.THROUGHPUT_FILE)
   assert len(points) == 2
-  # Re-running runs nothing and measures nothing.
+  # Re-running runs nothing and measures nothing: the search retraces the same path.
   again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0 and "0 trial(s) run" in again.stdout
   assert lines_of(workdir / results.THROUGHPUT_FILE) == points
+  assert len(results.read_results(str(workdir))) == len(rows)

@@ -4,8 +4,8 @@ Model: steps S(B) = S_min (1 + B_crit/B); examples E(B) = E_min (1 + B/B_crit), 
 S_min B_crit, so E = S B and both give the same B_crit. Epochs fit like examples (E_min
 in epochs). Fit: weighted least squares (``scipy.optimize.least_squares``) over (log scale,
 log B_crit) with residuals log(value) - log(model): relative errors, fit for values that
-span decades. A batch's value is the lower median of its seeds (a missed target counts as
-infinite, as in ``analysis.selection``: reached when at least half its seeds did); its
+span decades. A batch's value is the median of its seeds (a missed target counts as
+infinite, as in ``analysis.selection``: reached when more than half its seeds did); its
 weight is the number of seeds that reached the target.
 
 Intervals (90%): percentile bootstrap over seeds (each batch's seeds resampled, medians
@@ -53,7 +53,6 @@ IDENTIFIABLE_FACTOR = 8.0
 SEARCH_FACTOR = 1024.0
 SEEDS_FOR_SEED_BOOTSTRAP = 3
 LOOSE_FIT = 0.25  # warn above this weighted rms relative residual
-_BIG = 1e300  # a missed target inside a sort, below the +inf that marks "not drawn"
 
 
 # --- the model and its regimes: the one definition the text and the plot share ----------
@@ -153,8 +152,9 @@ def _least_squares(unit, log_b, log_y, w, bounds):
   return res.x[0], res.x[1]
 
 
-def _lower_median(values: np.ndarray) -> float:
-  return float(np.sort(values)[(len(values) - 1) // 2])
+def _median(values: np.ndarray) -> float:
+  """The median, inf when half the values or more are inf (missed targets)."""
+  return float(np.median(values))
 
 
 def _resample(values: list[np.ndarray], method: str, resamples: int, rng):
@@ -163,8 +163,8 @@ def _resample(values: list[np.ndarray], method: str, resamples: int, rng):
   wts = np.zeros((resamples, len(values)))
   if method == "seeds":
     for j, v in enumerate(values):
-      draw = np.sort(v[rng.integers(0, len(v), (resamples, len(v)))], axis=1)
-      med[:, j], wts[:, j] = draw[:, (len(v) - 1) // 2], np.isfinite(draw).sum(1)
+      draw = v[rng.integers(0, len(v), (resamples, len(v)))]
+      med[:, j], wts[:, j] = np.median(draw, axis=1), np.isfinite(draw).sum(1)
   else:
     flat = np.concatenate(values)
     ids = np.repeat(np.arange(len(values)), [len(v) for v in values])
@@ -172,10 +172,11 @@ def _resample(values: list[np.ndarray], method: str, resamples: int, rng):
     drawn, drawn_ids = flat[idx], ids[idx]
     for j in range(len(values)):
       member = drawn_ids == j
-      key = np.sort(np.where(member, np.where(np.isfinite(drawn), drawn, _BIG), np.inf), 1)
       count = member.sum(1)
-      m = key[np.arange(resamples), np.maximum(count - 1, 0) // 2]
-      med[:, j] = np.where((count > 0) & (m < _BIG), m, np.inf)
+      # A replicate's median over the draws of this batch (NaN marks the other batches').
+      m = np.array([np.median(row[keep]) if k else np.inf
+                    for row, keep, k in zip(drawn, member, count, strict=True)])
+      med[:, j] = m
       wts[:, j] = (member & np.isfinite(drawn)).sum(1)
   wts[~np.isfinite(med)] = 0.0
   return med, wts
@@ -220,7 +221,7 @@ def fit_curve(values: Mapping[int, Sequence[float | None]], unit: str = "steps",
          "weights": [], "weighting": "seeds that reached the target, per batch",
          "residuals": [], "rms_relative_residual": None, "regimes": None, "warnings": [],
          "replicates": {}, "text": ""}
-  medians = {b: _lower_median(v) for b, v in data.items()}
+  medians = {b: _median(v) for b, v in data.items()}
   used = _screen(data, medians, out)
   if out["reason"]:
     return _finish(out, out["status"], out["reason"])

@@ -2,11 +2,11 @@
 
 Choosing the best trial of a batch follows Shallue et al. 2018 ("Measuring the
 Effects of Data Parallelism on Neural Network Training"): trials of one batch are
-grouped by learning rate; a group's steps to target is the *lower median* over
-its seeds, a seed that did not reach the target counting as infinitely many
-steps, so an LR reaches the target when at least half its seeds did, and the
-number reported is that of a real trial (the median seed), whose row fills the
-table. The LR with the fewest steps wins, ties broken by the lower LR. If no LR
+grouped by learning rate; a group's steps to target is the *median* over its
+seeds, a seed that did not reach the target counting as infinitely many steps, so
+an LR reaches the target when more than half its seeds did (with two seeds: both).
+The seed closest to the median (the lower one on a tie) stands for the LR in the
+table's other columns. The LR with the fewest steps wins, ties broken by the lower LR. If no LR
 reached the target, the non-failed trial with the most steps stands for the batch.
 
 Speed comes from the batch's throughput point (``throughput.jsonl``), not from
@@ -47,17 +47,18 @@ def lr_groups(trials: list[Row]) -> list[dict[str, Any]]:
 
   Returns:
     Dicts with ``lr``, ``lr_multiplier``, ``rows``, ``seeds``, ``reached`` (seeds that
-    reached the target), ``steps`` (the lower median, inf when fewer than half
-    reached), ``steps_min``/``steps_max`` over the seeds that reached it,
-    ``diverged`` (seeds that diverged) and ``representative`` (the median seed's row).
+    reached the target), ``steps`` (the median, inf unless more than half reached),
+    ``steps_min``/``steps_max`` over the seeds that reached it, ``diverged`` (seeds
+    that diverged) and ``representative`` (the seed closest to the median).
   """
   out = []
   for (mult, lr), rows in sorted(group(trials, _lr_key).items()):
     steps = [r["steps_to_target"] if reached(r) else math.inf for r in rows]
-    median = statistics.median_low(steps)
+    median = statistics.median(steps)
     hit = [s for s in steps if s != math.inf]
-    rep = (min((r for r in rows if reached(r) and r["steps_to_target"] == median),
-               key=lambda r: r["seed"]) if median != math.inf else
+    rep = (min((r for r in rows if reached(r)),
+               key=lambda r: (abs(r["steps_to_target"] - median), r["steps_to_target"],
+                              r["seed"])) if median != math.inf else
            max(rows, key=lambda r: (r["status"] not in FAILED, r.get("steps") or 0)))
     out.append({"lr": lr, "lr_multiplier": mult, "rows": rows, "seeds": len(rows),
                 "reached": len(hit), "steps": median, "steps_min": min(hit, default=None),
@@ -95,7 +96,7 @@ def best_per_batch(rows: list[Row], points: list[Row] | None = None) -> list[Row
   """
   by_id = {p["point_id"]: p for p in points or []}
   out = []
-  for _, trials in sorted(group([r for r in rows if r.get("global_batch")],
+  for batch, trials in sorted(group([r for r in rows if r.get("global_batch")],
                                     lambda r: r["global_batch"]).items()):
     lrs = lr_groups(trials)
     hits = [g for g in lrs if g["steps"] != math.inf]
@@ -112,10 +113,17 @@ def best_per_batch(rows: list[Row], points: list[Row] | None = None) -> list[Row
     point = point_of(trials, by_id)
     step_ms = (point or {}).get("step_time_ms")
     steps = best["steps"] if best["steps"] != math.inf else None
+    rep = best["representative"]
+    train_size = (rep.get("spec") or {}).get("train_size") or (
+        rep["examples_to_target"] / rep["epochs_to_target"]
+        if rep.get("examples_to_target") and rep.get("epochs_to_target") else None)
+    examples = steps * batch if steps is not None else None
     out.append({
-        **best["representative"], "selection": how, "trials_at_batch": len(trials),
+        **rep, "selection": how, "trials_at_batch": len(trials),
         "seeds_at_lr": best["seeds"], "seeds_reached": best["reached"],
-        "steps_to_target": steps, "steps_min": best["steps_min"],
+        "steps_to_target": steps, "examples_to_target": examples,
+        "epochs_to_target": examples / train_size if examples and train_size else None,
+        "steps_min": best["steps_min"],
         "steps_max": best["steps_max"], "lrs_tried": [g["lr"] for g in lrs],
         "lr_interior": 0 < index < len(lrs) - 1,
         "point": point, "samples_per_sec": (point or {}).get("samples_per_sec"),

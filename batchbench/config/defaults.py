@@ -72,6 +72,14 @@ def default_config() -> ml_collections.ConfigDict:
   # A corrupted latest checkpoint is an error; True restores the previous one instead
   # (the row records it). A run option, not part of the trial's identity.
   c.fallback_to_previous_checkpoint = False
+  # The gradient noise scale B_simple, measured in the train step from two batch sizes:
+  # auto = when free (accumulation micro-batches, or 2+ devices for a model without
+  # cross-example state); groups = also on one device, by splitting each batch's gradient
+  # into `groups` groups (same FLOPs, summed in another order); off.
+  c.gns = ml_collections.ConfigDict()
+  c.gns.mode = "auto"
+  c.gns.groups = 4
+  c.gns.ema = 0.95  # decay of the moving averages of |G|^2 and tr(Sigma)
   # The throughput phase: pure train calls per sweep point, timed in windows.
   c.throughput = ml_collections.ConfigDict()
   c.throughput.warmup_calls = 2  # discarded (the first call may still allocate)
@@ -88,4 +96,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.sweep.schedule = config_dict.placeholder(str)
   c.sweep.lr_multipliers = (1.0,)
   c.sweep.seeds = (0,)
+  # Extend the LR grid past an edge while the best LR (fewest steps to target, median over
+  # seeds) sits on it: x factor (or / factor), up to max_extensions in each direction.
+  c.sweep.lr_search = ml_collections.ConfigDict()
+  c.sweep.lr_search.enabled = True
+  c.sweep.lr_search.factor = 2.0
+  c.sweep.lr_search.max_extensions = 3
   return c

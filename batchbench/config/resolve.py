@@ -109,6 +109,8 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
           "fallback_to_previous_checkpoint", c.get("fallback_to_previous_checkpoint"),
           "must be True or False")
   throughput = _throughput_settings(c)
+  gns_source, gns_groups, gns_note = _noise_scale(c, workload, num_devices, accum_steps,
+                                                  global_batch)
 
   target = _resolve_target(c, workload)
   eval_every_steps = None if workload.synthetic else max(1, eval_every_examples // global_batch)
@@ -142,7 +144,8 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
       train_size=train_size, throughput=tuple(sorted(throughput.items())),
       measurement_version=version.MEASUREMENT_VERSION,
       memory_budget_bytes=c.memory_budget_bytes,
-      checkpoint_every_examples=checkpoint_every_examples)
+      checkpoint_every_examples=checkpoint_every_examples, gns_source=gns_source,
+      gns_groups=gns_groups, gns_ema=float(c.gns.ema), gns_note=gns_note)
 
 
 def _optimizer_options(c) -> tuple[float | None, float]:
@@ -182,6 +185,49 @@ def _throughput_settings(c) -> dict[str, float | int]:
   require(out["max_seconds"] >= out["min_seconds"], "throughput.max_seconds", t.max_seconds,
           f"must be at least throughput.min_seconds ({t.min_seconds})")
   return out
+
+
+GNS_MODES = ("auto", "groups", "off")
+_HAS_STATE: dict[str, bool] = {}
+
+
+def _has_model_state(workload) -> bool:
+  """Whether the workload's model has mutable state (BatchNorm statistics): traced once."""
+  import jax  # pylint: disable=g-import-not-at-top
+  key = repr((workload.name, workload.example_spec))
+  if key not in _HAS_STATE:
+    _, state = jax.eval_shape(workload.init, jax.random.key(0), workload.batch_spec(1))
+    _HAS_STATE[key] = bool(jax.tree.leaves(state))
+  return _HAS_STATE[key]
+
+
+def _noise_scale(c, workload, num_devices: int, accum_steps: int,
+                 global_batch: int) -> tuple[str | None, int, str | None]:
+  """How the gradient noise scale is measured: ``(source, groups, why not)``."""
+  g = c.gns
+  require(g.mode in GNS_MODES, "gns.mode", g.mode, f"must be one of {', '.join(GNS_MODES)}")
+  require(isinstance(g.ema, float) and 0 < g.ema < 1, "gns.ema", g.ema,
+          "must be a number in (0, 1)")
+  if g.mode == "off":
+    return None, 1, "not measured (gns.mode=off)"
+  if accum_steps >= 2:
+    return "micro_batches", 1, None
+  if workload.synthetic or num_devices < 2 and g.mode == "auto":
+    why = ("synthetic inputs" if workload.synthetic else
+           "one device without accumulation has no second batch size for free; set "
+           "gns.mode=groups, or accum_steps >= 2")
+    return None, 1, f"not measured: {why}"
+  if _has_model_state(workload):
+    require(g.mode != "groups", "gns.mode", g.mode,
+            f"{workload.name} has model state (BatchNorm statistics) that groups would "
+            "split; measure the noise scale with accum_steps >= 2 instead")
+    return None, 1, ("not measured: the model has state (BatchNorm statistics) that "
+                     "per-device groups would split; use accum_steps >= 2")
+  groups = num_devices if num_devices >= 2 else g.groups
+  require(isinstance(groups, int) and groups >= 2 and global_batch % groups == 0,
+          "gns.groups", groups, f"must be an integer >= 2 dividing the global batch "
+          f"{global_batch}")
+  return "groups", groups, None
 
 
 def _resolve_target(c, workload) -> workloads_base.Target | None:

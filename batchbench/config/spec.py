@@ -65,6 +65,10 @@ class TrialSpec:
   num_processes: int = 1
   memory_budget_bytes: int | None = None
   checkpoint_every_examples: int | None = None  # None: only at the end / on preemption
+  gns_source: str | None = None  # "micro_batches" | "groups" | None (not measured)
+  gns_groups: int = 1  # groups a micro-batch's gradient is split into ("groups")
+  gns_ema: float = 0.95
+  gns_note: str | None = None  # why the noise scale is not measured, when it is not
 
   # Fields that change neither the result nor what is measured.
   NOT_IDENTITY = ()
@@ -72,12 +76,22 @@ class TrialSpec:
   NOT_PROGRAM = ("base_lr", "reference_batch",
                  "lr_rule", "lr_multiplier", "lr", "warmup_examples", "eval_every_examples",
                  "eval_every_steps", "max_steps", "max_seconds", "target", "seed",
-                 "memory_budget_bytes", "checkpoint_every_examples", "throughput")
+                 "memory_budget_bytes", "checkpoint_every_examples", "throughput", "gns_ema",
+                 "gns_note")
 
   @property
   def micro_batch(self) -> int:
     """Global examples per accumulation micro-batch (all devices)."""
     return self.global_batch // self.accum_steps
+
+  @property
+  def gns_batches(self) -> tuple[int, int] | None:
+    """(B_small, B_big) of the noise-scale estimate, or None when it is not measured."""
+    if self.gns_source == "micro_batches":
+      return self.micro_batch, self.global_batch
+    if self.gns_source == "groups":
+      return self.micro_batch // self.gns_groups, self.global_batch
+    return None
 
   @property
   def steps_per_epoch(self) -> int | None:

@@ -248,6 +248,7 @@ def build(spec: TrialSpec, *, mesh: Mesh | None = None, abstract: bool = False,
   feed = _feed_spec(workload, spec, k, mesh)
   num_steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
   train = aot(steps.make_train_call(workload, mesh, tx, micro_batch=spec.micro_batch,
+                                    gns=spec.gns_source, gns_groups=spec.gns_groups,
                                     traces=traces),
               (state, _abstract(data, repl), feed, num_steps),
               (repl, repl, feed.sharding, repl), repl, traces, donate=(0,))

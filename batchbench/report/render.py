@@ -124,7 +124,7 @@ def write_report(workdir: str, rows: list[Row] | None = None,
             + (", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or "none") + "."),
       ("h2", "Best learning rate per global batch"),
       ("p", "One row per batch. Steps to target: the learning rate with the fewest steps "
-            "(lower median over seeds, a seed that missed counting as infinite; min–max "
+            "(median over seeds, a seed that missed counting as infinite; min–max "
             "over the seeds that reached it); seeds: reached / run at that LR; (edge): no "
             "LR was tried on one side of it. Samples/sec, its IQR and step time: the "
             "batch's throughput phase (pure train calls, median over the timed windows "

@@ -50,6 +50,12 @@ restored_from_fallback     a corrupt latest checkpoint was skipped
 notes                      plain-language notes
 params_hash                sha256 of the final parameters' bytes (resume equality)
 wall_s                     wall seconds of the trial (accumulated across resumes)
+gns_source                 how the gradient noise scale was measured: micro_batches,
+                           groups, or None (then gns_note says why)
+gns_b_small, gns_b_big     the two batch sizes of its estimate
+b_simple                   B_simple = tr(Sigma)/|G|^2 at the eval that met the target
+                           (else the last eval); every eval's is in eval_history
+b_simple_final             B_simple at the end of the trial
 provenance                 harness/measurement version, git commit and dirty flag,
                            jax/jaxlib versions, device kind, host CPU
 measurement_version        the code version that measured this row
@@ -127,6 +133,8 @@ def make_row(spec: TrialSpec, *, status: str, ledger: TimeLedger | None = None,
       "eval_history": history, "time_ledger": ledger.as_dict() if ledger else None,
       "traces": None, "diverged_step": None, "resumes": 0, "wall_s": wall,
       "params_hash": None, "restored_from_fallback": False, "notes": [],
+      "gns_source": spec.gns_source, "gns_b_small": None, "gns_b_big": None,
+      "gns_note": spec.gns_note, "b_simple": None, "b_simple_final": None,
       "provenance": provenance(), "measurement_version": spec.measurement_version,
       "spec": spec.to_dict(),
   }

@@ -25,7 +25,7 @@ import ml_collections
 
 from batchbench import fmt
 from batchbench.config import ConfigError, TrialSpec, resolve
-from batchbench.runs import throughput
+from batchbench.runs import lr_search, throughput
 from batchbench.runs.rows import make_row
 from batchbench.store import checkpoint, results
 
@@ -163,10 +163,142 @@ class InProcess:
                      fallback_to_previous_checkpoint=options.fallback_to_previous_checkpoint)
 
 
+@dataclasses.dataclass(frozen=True)
+class LRSearch:
+  """The sweep's LR search (``runs.lr_search``): the grid, how to extend it, and how far."""
+
+  grid: tuple[float, ...]
+  extend: Callable[[int, float], list[TrialSpec]]  # (batch, multiplier) -> a spec per seed
+  factor: float = 2.0
+  max_extensions: int = 3
+
+
+LR_SEARCH_FILE = "lr_search.jsonl"
+
+
+def plan(config: ml_collections.ConfigDict,
+         num_devices: int) -> tuple[list[TrialSpec], LRSearch | None]:
+  """The sweep's grid trials (``expand``) and its LR search (None when it is off).
+
+  Raises:
+    ConfigError: an invalid trial or search setting, before anything runs.
+  """
+  specs = expand(config, num_devices)
+  s = config.sweep.lr_search
+  if not s.enabled:
+    return specs, None
+  if not (isinstance(s.factor, (int, float)) and s.factor > 1):
+    raise ConfigError("sweep.lr_search.factor", s.factor, "must be a number > 1")
+  if not (isinstance(s.max_extensions, int) and s.max_extensions >= 0):
+    raise ConfigError("sweep.lr_search.max_extensions", s.max_extensions,
+                      "must be an integer >= 0")
+  base = sweep_base(config)
+  seeds = tuple(config.sweep.seeds)
+
+  def extend(batch: int, multiplier: float) -> list[TrialSpec]:
+    return [resolve_trial(base, num_devices, batch, multiplier, seed) for seed in seeds]
+
+  return specs, LRSearch(tuple(float(m) for m in config.sweep.lr_multipliers), extend,
+                         float(s.factor), s.max_extensions)
+
+
+class _Run:
+  """One invocation of a sweep: runs points and trials, keeps the rows and counts."""
+
+  def __init__(self, workdir: str, runner, log: Log, options: RunOptions, watch):
+    self.workdir, self.runner, self.log, self.options, self.watch = (
+        workdir, runner, log, options, watch)
+    self.rows = {r["trial_id"]: r for r in results.read_results(workdir)}
+    self.points: dict[str, tuple[dict[str, Any] | None, str | None]] = {}
+    self.statuses: dict[str, int] = {}
+    self.skipped = 0
+    self.total = 0
+    self.start = time.perf_counter()
+
+  def _check_preempted(self) -> None:
+    if self.watch.requested:
+      raise checkpoint.Preempted(None, None, message=(
+          "preempted between trials; every finished trial is recorded; rerun the same "
+          "command to run the rest"))
+
+  def point(self, spec: TrialSpec) -> tuple[dict[str, Any] | None, str | None]:
+    if spec.point_id not in self.points:  # also for a batch whose trials are all done
+      self.points[spec.point_id] = _measure_point(self.runner, spec, self.workdir, self.log,
+                                                  self.options, self.watch)
+    self._check_preempted()
+    return self.points[spec.point_id]
+
+  def trials(self, specs: list[TrialSpec]) -> None:
+    """Runs those of ``specs`` that have no row yet, appending each row as it ends."""
+    self.total += len(specs)
+    for spec in specs:
+      self._check_preempted()
+      point, point_error = self.point(spec)
+      if spec.trial_id in self.rows:
+        self.skipped += 1
+        continue
+      ran = sum(self.statuses.values())
+      elapsed = time.perf_counter() - self.start
+      self.log(f"[trial {self.skipped + ran + 1}/{self.total}] B={spec.global_batch} "
+               f"lr={spec.lr:.4g} (x{spec.lr_multiplier:g}) seed={spec.seed} | elapsed "
+               f"{fmt.duration(elapsed)}")
+      trial_start = time.perf_counter()
+      try:
+        if point_error:
+          raise RuntimeError(point_error)
+        row = self.runner.trial(spec, self.workdir, self.log, self.options, self.watch, point)
+      except checkpoint.Preempted as e:
+        if e.row is not None:  # the trial finished in the window it was stopped in
+          results.append_row(self.workdir, e.row)
+        raise
+      except (KeyboardInterrupt, SystemExit, checkpoint.CheckpointError):
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (isolate the trial)
+        error = "".join(traceback.format_exception_only(type(e), e)).strip()
+        self.log(f"  !! trial raised {error.splitlines()[0]}")
+        row = error_row(spec, f"{error}\n{traceback.format_exc(limit=8)}",
+                        time.perf_counter() - trial_start)
+      results.append_row(self.workdir, row)
+      self.rows[spec.trial_id] = row
+      self.statuses[row["status"]] = self.statuses.get(row["status"], 0) + 1
+
+  def search(self, batch_specs: list[TrialSpec], search: LRSearch) -> None:
+    """Extends one batch's LRs until its best is bracketed; records why it stopped."""
+    spec = batch_specs[0]
+    if spec.target is None or self.points.get(spec.point_id, (None, None))[1]:
+      return  # nothing to bracket: no target, or the batch failed
+    while True:
+      rows = [self.rows[s.trial_id] for s in batch_specs if s.trial_id in self.rows]
+      decision = lr_search.decide(rows, search.grid, factor=search.factor,
+                                  max_extensions=search.max_extensions)
+      if not decision.run:
+        break
+      self.log(f"  LR search, batch {spec.global_batch}: best x{decision.best:g} is at an "
+               f"edge; trying x{', x'.join(f'{m:g}' for m in decision.run)}"
+               if decision.best is not None else
+               f"  LR search, batch {spec.global_batch}: no LR reached the target; trying "
+               f"x{', x'.join(f'{m:g}' for m in decision.run)}")
+      new = [s for m in decision.run for s in search.extend(spec.global_batch, m)]
+      batch_specs += new
+      self.trials(new)
+    self.log(f"  LR search, batch {spec.global_batch}: {decision.reason} (best "
+             + (f"x{decision.best:g})" if decision.best is not None else "none)"))
+    if jax_process_index() == 0:
+      results.append_jsonl(f"{self.workdir}/{LR_SEARCH_FILE}",
+                           {**decision.as_row(spec.global_batch), "point_id": spec.point_id,
+                            "grid": list(search.grid), "factor": search.factor,
+                            "max_extensions": search.max_extensions})
+
+
+def jax_process_index() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index()
+
+
 def run_sweep(specs: list[TrialSpec], workdir: str, *, isolation: str = "none",
-              log: Log = print, options: RunOptions | None = None,
-              runner: Any = None) -> dict[str, Any]:
-  """Measures each batch's throughput point, then runs the trials that have no row yet.
+              log: Log = print, options: RunOptions | None = None, runner: Any = None,
+              search: LRSearch | None = None) -> dict[str, Any]:
+  """Batch by batch: the throughput point, the trials without a row, the LR search.
 
   Trials keep checkpoints under ``<workdir>/trials/<trial_id>/``, so an interrupted
   trial continues from its latest one. A SIGTERM checkpoints the running trial at its
@@ -174,7 +306,7 @@ def run_sweep(specs: list[TrialSpec], workdir: str, *, isolation: str = "none",
   used raises ``checkpoint.CheckpointError``. Neither writes a row.
 
   Args:
-    specs: from ``expand``.
+    specs: the grid trials, from ``expand`` (or ``plan``).
     workdir: the sweep's directory (created by the caller).
     isolation: ``none`` (in this process) or ``process`` (one process per job).
     log: progress sink.
@@ -182,6 +314,7 @@ def run_sweep(specs: list[TrialSpec], workdir: str, *, isolation: str = "none",
     runner: an object with ``point(spec, workdir, log, options, watch)`` and
       ``trial(spec, workdir, log, options, watch, point)``; overrides ``isolation``
       (tests inject failures with it).
+    search: the LR search (``plan``); None runs the grid only.
 
   Returns:
     ``{"total", "skipped", "ran", "statuses": {status: count}, "points": n}``.
@@ -198,53 +331,17 @@ def run_sweep(specs: list[TrialSpec], workdir: str, *, isolation: str = "none",
       runner = Subprocess()
     else:
       runner = InProcess()
-  wanted = {s.trial_id for s in specs}
-  done = {r["trial_id"] for r in results.read_results(workdir)} & wanted
-  todo = [s for s in specs if s.trial_id not in done]
-  skipped = len(done)
-  if skipped:
-    log(f"{skipped} of {len(specs)} trials already have results in {workdir}; skipping them")
-  statuses: dict[str, int] = {}
-  points: dict[str, dict[str, Any]] = {}
-  start = time.perf_counter()
+  done = sum(s.trial_id in {r["trial_id"] for r in results.read_results(workdir)}
+             for s in specs)
+  if done:
+    log(f"{done} of {len(specs)} trials already have results in {workdir}; skipping them")
   with checkpoint.preemption_watch() as watch:
-    for spec in specs:
-      if watch.requested:
-        raise checkpoint.Preempted(None, None, message=(
-            "preempted between trials; every finished trial is recorded; rerun the same "
-            "command to run the rest"))
-      if spec.point_id not in points:  # also for a batch whose trials are all done
-        points[spec.point_id] = _measure_point(runner, spec, workdir, log, options, watch)
-      point, point_error = points[spec.point_id]
-      if watch.requested:
-        raise checkpoint.Preempted(None, None, message=(
-            "preempted between trials; every finished trial is recorded; rerun the same "
-            "command to run the rest"))
-      if spec.trial_id in done:
-        continue
-      i = sum(statuses.values())  # trials run so far in this invocation
-      elapsed = time.perf_counter() - start
-      eta = f"~{fmt.duration(elapsed / i * (len(todo) - i))} left" if i else "ETA after 1 trial"
-      log(f"[trial {skipped + i + 1}/{len(specs)}] B={spec.global_batch} lr={spec.lr:.4g} "
-          f"(x{spec.lr_multiplier:g}) seed={spec.seed} | elapsed {fmt.duration(elapsed)} | "
-          f"{eta}")
-      trial_start = time.perf_counter()
-      try:
-        if point_error:
-          raise RuntimeError(point_error)
-        row = runner.trial(spec, workdir, log, options, watch, point)
-      except checkpoint.Preempted as e:
-        if e.row is not None:  # the trial finished in the window it was stopped in
-          results.append_row(workdir, e.row)
-        raise
-      except (KeyboardInterrupt, SystemExit, checkpoint.CheckpointError):
-        raise
-      except Exception as e:  # pylint: disable=broad-except  (isolate the trial)
-        error = "".join(traceback.format_exception_only(type(e), e)).strip()
-        log(f"  !! trial raised {error.splitlines()[0]}")
-        row = error_row(spec, f"{error}\n{traceback.format_exc(limit=8)}",
-                        time.perf_counter() - trial_start)
-      results.append_row(workdir, row)
-      statuses[row["status"]] = statuses.get(row["status"], 0) + 1
-  return {"total": len(specs), "skipped": skipped, "ran": len(todo), "statuses": statuses,
-          "points": len(points)}
+    run = _Run(workdir, runner, log, options, watch)
+    for batch in dict.fromkeys(s.global_batch for s in specs):
+      batch_specs = [s for s in specs if s.global_batch == batch]
+      run.trials(batch_specs)
+      if search is not None:
+        run.search(batch_specs, search)
+  ran = sum(run.statuses.values())
+  return {"total": run.total, "skipped": run.skipped, "ran": ran, "statuses": run.statuses,
+          "points": len(run.points)}

@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from batchbench.analysis.noise import NoiseScale
 from batchbench.config import TrialSpec
 from batchbench.core.program import Program, ProgramCache, build
 from batchbench.measure.memory import PeakTracker
@@ -64,10 +65,13 @@ class LoopState:
   resumes: int = 0
   restored_from_fallback: bool = False
   notes: list[str] = dataclasses.field(default_factory=list)
+  noise: NoiseScale | None = None  # the gradient noise scale's moving averages
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> LoopState:
-    return cls(**{**d, "windows": [Window(**w) for w in d["windows"]]})
+    noise = d.get("noise")
+    return cls(**{**d, "windows": [Window(**w) for w in d["windows"]],
+                  "noise": NoiseScale(**noise) if noise else None})
 
 
 @dataclasses.dataclass
@@ -164,6 +168,8 @@ class Trial:
     if resume:
       state = self._restore(program)
       loop = self.loop
+    if spec.gns_batches and loop.noise is None:
+      loop.noise = NoiseScale(*spec.gns_batches, decay=spec.gns_ema)
     saved_step = loop.step
     timer = WindowTimer(self.clock, windows=loop.windows)
     drop_window = resume  # the first window after a restore is a warm-up, like the first
@@ -195,7 +201,7 @@ class Trial:
         with self.ledger.measure("input_wait"):
           call_feed = feed(loop.step, n)
         state, metrics = program.run(state, call_feed, n)
-        losses.append((metrics["loss"], n))
+        losses.append((metrics, n))
         loop.step += n
         # The next call's inputs, while the device runs this one (a checkpoint that cuts
         # the next window's first call shorter only costs building them again).
@@ -208,11 +214,16 @@ class Trial:
       jax.block_until_ready((state, losses))
       steps = loop.step - start_step
       timer.stop(steps * spec.global_batch, steps)
-      window = timer.windows.pop() if drop_window else timer.windows[-1]
+      timed = timer.windows.pop() if drop_window else timer.windows[-1]
       drop_window = False
       self.ledger.add("train", self.clock() - train_start)
 
-      window_losses = np.concatenate([np.asarray(x)[:n] for x, n in jax.device_get(losses)])
+      fetched = jax.device_get(losses)
+      window = {name: np.concatenate([np.asarray(m[name])[:n] for m, n in fetched])
+                for name in fetched[0][0]}
+      window_losses = window["loss"]
+      if loop.noise is not None:
+        loop.noise.update(window["grad_sq_small"].tolist(), window["grad_sq_big"].tolist())
       loop.last_loss = float(window_losses[-1])
       bad = np.flatnonzero(~np.isfinite(window_losses))
       if bad.size:
@@ -228,13 +239,13 @@ class Trial:
         loop.status = "ok" if spec.target is None else "target_not_reached"
       if self.clock() - last_log >= PROGRESS_EVERY_S or loop.status:
         last_log = self.clock()
-        self._progress(window)
+        self._progress(timed)
       if self.ckpt is not None and loop.status is None and (preempted
                                                             or loop.step == next_save):
         self._save(state)
         saved_step = loop.step
       if self.on_window is not None:
-        self.on_window(loop.step, window)
+        self.on_window(loop.step, timed)
       if preempted and loop.status is None:
         if self.ckpt is not None:
           with self.ledger.measure("checkpoint"):
@@ -263,7 +274,7 @@ class Trial:
                 "eval": len(program.eval.traces) if evaluate else 0},
         resumes=loop.resumes, params_hash=checkpoint.params_hash(state.params),
         restored_from_fallback=loop.restored_from_fallback, notes=loop.notes,
-        **compile_fields, **loop.to_target)
+        **compile_fields, **self._noise_fields(), **loop.to_target)
     self._summary(row)
     if self.watch.requested:  # SIGTERM in the last window: finished, but stop the sweep
       raise checkpoint.Preempted(loop.step, self._step_path(), row=row)
@@ -277,12 +288,26 @@ class Trial:
     with self.ledger.measure("eval"):
       metrics = program.evaluate(state)
     train_s = self.ledger.seconds["train"]
-    loop.history.append({"examples": loop.step * spec.global_batch, "step": loop.step,
-                         "train_s": train_s, "metrics": metrics})
+    entry = {"examples": loop.step * spec.global_batch, "step": loop.step,
+             "train_s": train_s, "metrics": metrics}
+    if loop.noise is not None:
+      entry["b_simple"] = loop.noise.b_simple
+    loop.history.append(entry)
     if spec.target and not loop.to_target and spec.target.met(metrics[spec.target.metric]):
       loop.to_target = target_fields(spec, loop.step, train_s, self._wall(), self.point)
       return True
     return False
+
+  def _noise_fields(self) -> dict[str, Any]:
+    """The row's noise-scale summary: B_simple at the target's eval (else the last)."""
+    spec, loop = self.spec, self.loop
+    batches = spec.gns_batches or (None, None)
+    at = [h for h in loop.history if h.get("step") == loop.to_target.get("steps_to_target")]
+    last = (at or loop.history or [{}])[-1]
+    return {"gns_source": spec.gns_source, "gns_b_small": batches[0],
+            "gns_b_big": batches[1], "gns_note": spec.gns_note,
+            "b_simple": last.get("b_simple"),
+            "b_simple_final": loop.noise.b_simple if loop.noise else None}
 
   def _save(self, state) -> None:
     self.loop.wall_s = self._wall()

@@ -1,0 +1,125 @@
+"""The gradient noise scale measured in the train step: the right squared norms, no
+second gradient, no change to training, and an honest 'not measured'."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_config
+
+from batchbench.config import ConfigError, resolve
+from batchbench.core.program import build
+from batchbench.runs.trial import run_trial
+from batchbench.workloads import get_workload
+
+
+def digits(**overrides):
+  c = load_config("digits_mlp")
+  c.workload_options.hidden = (32,)
+  c.global_batch, c.max_steps, c.target_metric = 64, 16, "none"
+  c.eval_every_examples = 256
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def independent_norms(workload, params, data, indices, groups):
+  """|mean gradient|^2 of each group (averaged) and of the whole batch, by plain jax.grad."""
+  def mean_loss(p, idx):
+    batch = {k: jnp.asarray(a[idx]) for k, a in data.items()}
+    batch["mask"] = jnp.ones(len(idx), jnp.float32)
+    out = workload.loss(p, {}, batch, jax.random.key(0))
+    return out.loss_sum / out.count
+
+  def sq(tree):
+    return float(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                     for x in jax.tree.leaves(tree)))
+
+  grads = [jax.grad(mean_loss)(params, g) for g in np.split(indices, groups)]
+  whole = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
+  return np.mean([sq(g) for g in grads]), sq(whole)
+
+
+@pytest.mark.parametrize("overrides, source, groups", [
+    ({"num_devices": 4}, "groups", 4),  # one group per device
+    ({"num_devices": 1, "gns.mode": "groups", "gns.groups": 2}, "groups", 2),
+    ({"num_devices": 2, "accum_steps": 2}, "micro_batches", 2),
+])
+def test_the_step_reports_group_and_batch_gradient_norms(overrides, source, groups):
+  spec = resolve(digits(**overrides), 8)
+  assert spec.gns_source == source and spec.gns_note is None
+  assert spec.gns_batches == (64 // groups, 64)
+  program = build(spec, flops=False)
+  state = program.init_state(spec.seed, spec.lr)
+  params = jax.device_get(state.params)
+  feed = program.feed(spec.seed)(0, 1)
+  _, metrics = program.run(state, feed, 1)
+  small, big = np.asarray(metrics["grad_sq_small"])[0], np.asarray(metrics["grad_sq_big"])[0]
+  want_small, want_big = independent_norms(program.workload, params,
+                                           program.workload.data().train, feed[0].reshape(-1),
+                                           groups)
+  assert small == pytest.approx(want_small, rel=1e-4)
+  assert big == pytest.approx(want_big, rel=1e-4)
+  assert small > big  # smaller batches' gradients are noisier
+
+
+def test_measuring_the_noise_scale_does_not_change_training():
+  on = run_trial(resolve(digits(num_devices=8), 8), log=None)
+  off = run_trial(resolve(digits(num_devices=8, **{"gns.mode": "off"}), 8), log=None)
+  assert on["gns_source"] == "groups" and off["gns_source"] is None
+  for a, b in zip(on["eval_history"], off["eval_history"], strict=True):
+    for metric in ("loss", "accuracy"):
+      np.testing.assert_allclose(a["metrics"][metric], b["metrics"][metric], rtol=1e-5)
+  # Recorded at every eval, summarised in the row.
+  assert all(h["b_simple"] is not None and h["b_simple"] > 0 for h in on["eval_history"])
+  assert on["b_simple"] == on["eval_history"][-1]["b_simple"]
+  assert (on["gns_b_small"], on["gns_b_big"]) == (8, 64)
+  assert "b_simple" not in off["eval_history"][0] and off["b_simple"] is None
+  assert "gns.mode=off" in off["gns_note"]
+
+
+def test_no_free_source_says_so_instead_of_guessing():
+  one = resolve(digits(num_devices=1), 8)
+  assert one.gns_source is None and one.gns_batches is None
+  assert "one device without accumulation" in one.gns_note
+  synthetic = resolve(load_config("synthetic_mlp"), 8)
+  assert synthetic.gns_source is None and "synthetic" in synthetic.gns_note
+
+
+def test_groups_refuse_models_with_batch_statistics():
+  from batchbench.models.resnet import GroupBatchNorm  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from batchbench.workloads import (classification_workload,  # pylint: disable=g-import-not-at-top
+                                    register_workload)
+
+  class BNMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      x = nn.Dense(16)(x)
+      x = GroupBatchNorm()(x, use_running_average=not train)
+      return nn.Dense(10)(nn.relu(x))
+
+  base = get_workload("digits_mlp")
+  register_workload("gns_bn_mlp")(lambda: classification_workload(
+      "gns_bn_mlp", model=BNMLP(), input_shape=(64,), num_classes=10, data=base.data,
+      train_size=base.train_size, train_flag=True))
+  c = digits(workload="gns_bn_mlp", num_devices=4)
+  c.workload_options = {}
+  spec = resolve(c, 8)  # auto: per-device groups would split the statistics, so none
+  assert spec.gns_source is None and "BatchNorm" in spec.gns_note
+  c.gns.mode = "groups"
+  with pytest.raises(ConfigError, match="gns.mode"):
+    resolve(c, 8)
+  c.accum_steps = 2  # micro-batches keep their statistics: the noise scale is free
+  assert resolve(c, 8).gns_source == "micro_batches"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("gns.mode", "sometimes", "must be one of auto, groups, off"),
+    ("gns.ema", 1.5, "must be a number in (0, 1)"),
+    ("gns.groups", 3, "dividing the global batch 64"),
+])
+def test_bad_noise_scale_settings_name_the_field(field, value, message):
+  overrides = {"num_devices": 1, "gns.mode": "groups", field: value}
+  with pytest.raises(ConfigError) as e:
+    resolve(digits(**overrides), 8)
+  assert e.value.field == field and message in str(e.value)
