@@ -167,7 +167,10 @@ class Program:
         self.spec.train_size, self.spec.global_batch, accum, k, seed).call_indices)
 
   def evaluate(self, state: TrainState) -> dict[str, float]:
-    """Metric means of ``state`` on the test set (blocks)."""
+    """Metric means of ``state`` on the test set, or the workload's own ``evaluate``."""
+    if self.workload.evaluate is not None:
+      return {k: float(v) for k, v in self.workload.evaluate(state.params,
+                                                             state.model_state).items()}
     sums = jax.device_get(self.eval(state.params, state.model_state, self.eval_data))
     count = float(sums["count"])
     return {name: float(v) / count for name, v in sums.items() if name != "count"}

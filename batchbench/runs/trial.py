@@ -35,9 +35,11 @@ import numpy as np
 
 from batchbench.analysis.noise import NoiseScale
 from batchbench.config import TrialSpec
+from batchbench.core import optim
 from batchbench.core.program import Program, ProgramCache, build
 from batchbench.measure.memory import PeakTracker
 from batchbench.measure.timing import BUCKETS, TimeLedger, Window, WindowTimer
+from batchbench.runs.observe import TrialObserver
 from batchbench.runs.rows import make_row, target_fields
 from batchbench.store import checkpoint
 
@@ -99,8 +101,10 @@ class Trial:
                log: Log | None = None, ckpt: checkpoint.TrialCheckpointer | None = None,
                watch: checkpoint.PreemptionWatch | None = None,
                cache: ProgramCache | None = None, point: dict[str, Any] | None = None,
-               on_window: Callable[[int, Window], None] | None = None):
+               on_window: Callable[[int, Window], None] | None = None,
+               observers: tuple[TrialObserver, ...] = ()):
     self.spec = spec
+    self.observers = observers
     self.clock = clock
     self.log = log or (lambda _: None)
     self.ckpt = ckpt
@@ -178,6 +182,10 @@ class Trial:
     window_steps = every or max(1, WINDOW_EXAMPLES // (k * spec.global_batch)) * k
     evaluate = program.eval is not None
     last_log = self.clock()
+    lr_at = lambda step: spec.lr * float(optim.schedule_shape(
+        spec.warmup_steps, spec.schedule, spec.max_steps)(step))
+    for observer in self.observers:
+      observer.on_start(spec, loop.step)
     self.log(f"[{spec.workload} B={spec.global_batch} lr={spec.lr:.4g} seed={spec.seed}] "
              f"{spec.num_devices} device(s) x {spec.per_device_batch} x accum "
              f"{spec.accum_steps}, {k} steps/call, program "
@@ -246,6 +254,10 @@ class Trial:
         saved_step = loop.step
       if self.on_window is not None:
         self.on_window(loop.step, timed)
+      for observer in self.observers:
+        observer.on_window(loop.step, loop.step * spec.global_batch,
+                           timed.examples / max(timed.seconds, 1e-12), loop.last_loss,
+                           lr_at(loop.step - 1))
       if preempted and loop.status is None:
         if self.ckpt is not None:
           with self.ledger.measure("checkpoint"):
@@ -276,6 +288,8 @@ class Trial:
         restored_from_fallback=loop.restored_from_fallback, notes=loop.notes,
         **compile_fields, **self._noise_fields(), **loop.to_target)
     self._summary(row)
+    for observer in self.observers:
+      observer.on_end(row)
     if self.watch.requested:  # SIGTERM in the last window: finished, but stop the sweep
       raise checkpoint.Preempted(loop.step, self._step_path(), row=row)
     return row
@@ -293,6 +307,8 @@ class Trial:
     if loop.noise is not None:
       entry["b_simple"] = loop.noise.b_simple
     loop.history.append(entry)
+    for observer in self.observers:
+      observer.on_eval(loop.step, entry["examples"], metrics, entry.get("b_simple"))
     if spec.target and not loop.to_target and spec.target.met(metrics[spec.target.metric]):
       loop.to_target = target_fields(spec, loop.step, train_s, self._wall(), self.point)
       return True
@@ -350,7 +366,8 @@ def run_trial(spec: TrialSpec, *, clock: Callable[[], float] = time.perf_counter
               fallback_to_previous_checkpoint: bool = False,
               preemption: checkpoint.PreemptionWatch | None = None,
               cache: ProgramCache | None = None, point: dict[str, Any] | None = None,
-              on_window: Callable[[int, Window], None] | None = None) -> dict[str, Any]:
+              on_window: Callable[[int, Window], None] | None = None,
+              observers: tuple[TrialObserver, ...] = ()) -> dict[str, Any]:
   """Runs one trial, or resumes it from its latest checkpoint, and returns its result row.
 
   Args:
@@ -368,6 +385,7 @@ def run_trial(spec: TrialSpec, *, clock: Callable[[], float] = time.perf_counter
     point: the batch's throughput point (``time_to_target_s`` uses its step time).
     on_window: called as ``on_window(step, window)`` after every timing window (and its
       checkpoint), outside the timed region; tests use it to interrupt a trial.
+    observers: ``TrialObserver``s (TensorBoard, MLPerf logging).
 
   Returns:
     The result row. Divergence and a missed target are statuses, not exceptions.
@@ -387,7 +405,7 @@ def run_trial(spec: TrialSpec, *, clock: Callable[[], float] = time.perf_counter
       ckpt = checkpoint.TrialCheckpointer(
           workdir, spec, fallback_to_previous=fallback_to_previous_checkpoint, log=log)
     trial = Trial(spec, clock=clock, log=log, ckpt=ckpt, watch=preemption, cache=cache,
-                  point=point, on_window=on_window)
+                  point=point, on_window=on_window, observers=observers)
     try:
       row = trial.run()
     except BaseException:

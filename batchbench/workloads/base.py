@@ -90,6 +90,10 @@ class Workload:
     train_size: examples in the training set (known without loading it), or None.
     target: default target, or None (throughput only).
     reference_batch: batch at which the default learning rate was tuned.
+    evaluate: ``(params, model_state) -> {metric: value}``, a whole evaluation run on the
+      host (it may call jitted functions of its own), for metrics that are not sums over
+      test batches (e.g. a Frechet distance of generated samples); None: ``eval_sums``
+      over the test set.
   """
 
   name: str
@@ -104,6 +108,7 @@ class Workload:
   reference_batch: int
   synthetic_batch: Callable[[jax.Array, int], Batch] | None = None
   gather: Callable[[Mapping[str, jax.Array], jax.Array], Batch] | None = None
+  evaluate: Callable[[PyTree, PyTree], dict[str, float]] | None = None
 
   def __post_init__(self):
     if (self.data is None) == (self.synthetic_batch is None):
