@@ -7,16 +7,26 @@ import pytest
 from batchbench.runs.lr_search import decide, multiplier
 
 
+TARGET = {"metric": "accuracy", "value": 0.96, "direction": "max"}
+
+
 def rows_for(steps_by_multiplier, seeds=(0,)):
-  """Trial rows: steps_by_multiplier maps a multiplier to steps per seed, or to a status."""
+  """Trial rows: steps_by_multiplier maps a multiplier to, per seed, steps to target, or
+  "diverged", or ("missed", final accuracy) (bare "target_not_reached": accuracy 0.5)."""
   rows = []
   for m, outcome in steps_by_multiplier.items():
-    outcomes = outcome if isinstance(outcome, (list, tuple)) else [outcome] * len(seeds)
+    outcomes = (outcome if isinstance(outcome, list)
+                else [outcome] * len(seeds))
     for seed, o in zip(seeds, outcomes, strict=True):
       row = {"lr_multiplier": m, "lr": 0.1 * m, "seed": seed, "steps": 100,
-             "status": "ok", "steps_to_target": o}
-      if o in ("diverged", "target_not_reached"):
-        row.update(status=o, steps_to_target=None)
+             "status": "ok", "steps_to_target": o, "target": TARGET,
+             "final_eval": {"accuracy": 0.97}}
+      if o == "diverged":
+        row.update(status=o, steps_to_target=None, final_eval=None)
+      elif o == "target_not_reached" or isinstance(o, tuple):
+        accuracy = o[1] if isinstance(o, tuple) else 0.5
+        row.update(status="target_not_reached", steps_to_target=None,
+                   final_eval={"accuracy": accuracy})
       rows.append(row)
   return rows
 
@@ -75,8 +85,24 @@ def test_everything_diverged_goes_lower_and_nothing_reached_stops():
   d, ran = simulate(lambda m: "diverged" if m > 0.1 else 500, (0.5, 1.0, 2.0))
   assert ran[:3] == [0.5, 1.0, 2.0] and ran[3:] == [0.25, 0.125, 0.0625]
   assert d.best == 0.0625 and d.reason == "limit"
-  d, _ = simulate(lambda m: "diverged" if m > 1 else "target_not_reached", (0.5, 1.0, 2.0))
-  assert (d.best, d.reason) == (None, "none_reached")
+  # Nothing reached: the LR that came closest (x1, best final accuracy) is interior.
+  closest = lambda m: "diverged" if m > 1 else ("missed", 0.9 if m == 1 else 0.6)
+  d, ran = simulate(closest, (0.5, 1.0, 2.0))
+  assert ran == [0.5, 1.0, 2.0] and (d.best, d.reason) == (None, "none_reached")
+
+
+def test_an_exploded_but_finite_loss_sends_the_search_down_not_up():
+  # Large LRs blow up to chance accuracy without a NaN ("target_not_reached", not
+  # "diverged"); smaller LRs do better but miss within the budget. The search must go
+  # down (towards the progress), where x0.25 reaches the target.
+  outcome = lambda m: (("missed", 0.1) if m >= 1 else ("missed", 0.8) if m == 0.5
+                       else round(300 * 0.25 / m))  # below x0.5: slower as the LR falls
+  d, ran = simulate(outcome, (0.5, 1.0, 2.0))
+  assert ran == [0.5, 1.0, 2.0, 0.25, 0.125]
+  assert (d.best, d.reason) == (0.25, "diverged_beyond")  # x0.5 beside it missed
+  # And up when the largest LR made the most progress.
+  d, ran = simulate(lambda m: ("missed", 0.2 * m) if m < 4 else 200, (0.5, 1.0, 2.0))
+  assert ran == [0.5, 1.0, 2.0, 4.0, 8.0] and (d.best, d.reason) == (4.0, "diverged_beyond")
 
 
 def test_decisions_depend_only_on_rows_so_a_rerun_takes_the_same_path():

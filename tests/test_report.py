@@ -314,8 +314,10 @@ def test_edge_label_means_no_lr_was_tried_on_one_side(workdir, out):
     assert line[headers.index("LR")].endswith("(edge)") == at_edge, (batch, lr, tried)
 
 
-def test_recommendation_follows_from_the_table(out):
-  rec = out["recommendation"]
+def test_recommendation_follows_from_the_table(workdir, out):
+  # Without a critical-batch plan, the recommendation is the table's least time to target.
+  rows, points = read_results(workdir), read_points(workdir)
+  rec = recommend.recommend(rows, best_per_batch(rows, points), points)
   table = {int(r["global_batch"]): r for r in read_csv(out["paths"]["summary.csv"])}
   timed = {b: value(r["time_to_target_s"]) for b, r in table.items()
            if r["time_to_target_s"] != ""}
@@ -336,12 +338,22 @@ def test_recommendation_follows_from_the_table(out):
                 f"median of {r['timed_windows']} timed windows"):
     assert claim in first, (claim, first)
   # The arithmetic it shows holds for the numbers it shows.
-  shown = re.search(r"in ([\d,]+) steps .* x ([\d.]+) ms per step = ([\d.]+) s", first)
+  shown = re.search(r"in ([\d,]+) steps .* x ([\d.]+) ms per step .*\) = ([\d.]+) s", first)
   n, ms, s = (float(g.replace(",", "")) for g in shown.groups())
   assert n * ms / 1e3 == pytest.approx(s, rel=5e-3)
   assert last == f"See the {len(rec['warnings'])} warning(s) below."
+  # The report's own recommendation comes from the fit's plan when it has one, and then
+  # names the plan's batch and the measured figures of that batch.
+  report_rec, plan = out["recommendation"], out["answer"]["plan"]
   with open(out["paths"]["report.md"], encoding="utf-8") as f:
-    assert rec["text"] in f.read()
+    assert report_rec["text"] in f.read()
+  if plan["status"] == "ok":
+    pick = plan["recommended"]["global_batch"]
+    assert report_rec["fastest_batch"] == pick and report_rec["fastest_basis"] == "fit"
+    assert report_rec["text"].startswith(f"Train with global batch {pick} ")
+    assert plan["text"] in report_rec["text"]
+  else:
+    assert report_rec["fastest_batch"] == rec["fastest_batch"]
 
 
 def test_every_warning_is_true_of_the_rows_and_the_table(workdir, out):
@@ -408,8 +420,10 @@ def test_mixed_measurement_versions_are_warned_about(tmp_path):
 def test_plots_decode_and_html_is_self_contained(workdir, out):
   paths = out["paths"]
   pngs = [name for name in paths if name.endswith(".png")]
-  assert sorted(pngs) == sorted(["throughput.png", "steps_to_target.png",
-                                 "time_to_target.png", "memory.png", "curves.png"])
+  fitted = out["answer"]["fit"]["status"] == "ok"
+  assert sorted(pngs) == sorted(["throughput.png", "fit.png", "time_to_target.png",
+                                 "memory.png", "curves.png"]
+                                + (["time_to_target_fit.png"] if fitted else []))
   for name in pngs:
     assert os.path.getsize(paths[name]) > 5_000
     pixels = mpimg.imread(paths[name])
@@ -426,7 +440,7 @@ def test_plots_decode_and_html_is_self_contained(workdir, out):
   with open(paths["report.md"], encoding="utf-8") as f:
     markdown = f.read()
   assert "## Recommendation" in markdown and "## Appendix: every trial" in markdown
-  trials = markdown_tables(markdown)[1][1]
+  trials = markdown_tables(markdown)[-1][1]  # the appendix is the last table
   assert len(trials) == len(read_results(workdir))  # every trial is in the appendix
   assert markdown.count("b32-m1-s") == 3
   assert "RESOURCE_EXHAUSTED: out of memory \\| alloc" in markdown  # escaped pipe
@@ -446,14 +460,15 @@ def test_throughput_only_workload_renders(tmp_path):
   (flat,) = [w for w in rec["warnings"] if "plateaus" in w]
   assert flat.startswith("Throughput plateaus at batch 32 (3,000 samples/sec): batches 64, 128")
   os.makedirs(tmp_path / "report")
-  (tmp_path / "report" / "steps_to_target.png").write_bytes(b"stale plot")
+  (tmp_path / "report" / "time_to_target.png").write_bytes(b"stale plot")
   paths = render.write_report(str(tmp_path))["paths"]
-  assert "throughput.png" in paths and "steps_to_target.png" not in paths
-  assert not (tmp_path / "report" / "steps_to_target.png").exists()
+  assert "throughput.png" in paths and "time_to_target.png" not in paths
+  assert "fit.png" not in paths  # no target, no fit
+  assert not (tmp_path / "report" / "time_to_target.png").exists()
   with open(paths["report.md"], encoding="utf-8") as f:
     markdown = f.read()
-  assert "steps_to_target.png skipped" in markdown
   assert "time_to_target.png skipped" in markdown
+  assert "## The critical batch size" not in markdown
   table = read_csv(paths["summary.csv"])
   assert [int(r["global_batch"]) for r in table] == list(sps)
   assert [value(r["samples_per_sec"]) for r in table] == pytest.approx(list(sps.values()))

@@ -257,6 +257,7 @@ def test_trial_ledger_windows_and_time_to_target_are_exact_under_fake_clock():
   c.eval_every_examples = 256  # an eval every 8 steps
   c.steps_per_call = 2  # 4 calls per timing window
   c.target_value = 0.8
+  c.stop_at_target = True
   spec = config_lib.resolve(c, 8)
   assert (spec.eval_every_steps, spec.steps_per_call) == (8, 2)
   clock = ManualClock()
@@ -274,7 +275,9 @@ def test_trial_ledger_windows_and_time_to_target_are_exact_under_fake_clock():
   assert ledger["compile"] == COMPILE_S and ledger["setup"] == SETUP_S
   assert ledger["input_wait"] == INPUT_S
   assert ledger["train"] == windows * window_s + INPUT_S
-  assert ledger["eval"] == windows * EVAL_S  # the target eval ends the trial: no extra eval
+  # Each eval evaluates the test set and as many training examples (the train-test gap);
+  # the target eval ends the trial: no extra eval.
+  assert ledger["eval"] == windows * 2 * EVAL_S
   assert ledger["checkpoint"] == 0.0
 
   # The loop's own time to target is the train bucket at the eval that met the target;

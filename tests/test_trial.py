@@ -143,7 +143,7 @@ def test_fused_calls_match_single_step_calls_and_stop_at_the_target():
   """64 steps per call (calls cut at each eval) == 1 step per call; either way the trial
   ends at the target's eval."""
   common = dict(eval_every_examples=512, max_steps=64, target_metric="accuracy",
-                target_value=0.8)
+                target_value=0.8, stop_at_target=True)
   fused = run(small_digits(**common))
   stepwise = run(small_digits(**common, steps_per_call=1))
   assert (fused["steps_per_call"], stepwise["steps_per_call"]) == (64, 1)
@@ -164,7 +164,9 @@ STEP_TIME_MS = 2.5  # a throughput point's step time (any value: time to target 
 
 @pytest.fixture(scope="module")
 def digits_default_row():
-  spec = config_lib.resolve(load_config("digits_mlp"), 8)
+  c = load_config("digits_mlp")
+  c.stop_at_target = True  # the default config trains on to the budget; stop at the target
+  spec = config_lib.resolve(c, 8)
   assert spec.global_batch == 32 and spec.target is not None
   return trial.run_trial(spec, log=None, point={"step_time_ms": STEP_TIME_MS})
 

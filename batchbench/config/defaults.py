@@ -64,6 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_seconds = config_dict.placeholder(float)
   c.target_metric = config_dict.placeholder(str)  # None: the workload's; "none": no target
   c.target_value = config_dict.placeholder(float)
+  # Stop a trial at the eval that first meets the target; False trains on to the budget
+  # (steps to target are recorded all the same), so final metrics compare at equal epochs.
+  c.stop_at_target = True
   c.seed = 0
   c.memory_budget_bytes = config_dict.placeholder(int)
   # Checkpoints (kept under <workdir>/trials/<trial_id>/): one every this many examples

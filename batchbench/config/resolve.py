@@ -105,6 +105,8 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
           c.seed, "must be an integer >= 0")
   checkpoint_every_examples = positive_int(c.checkpoint_every_examples,
                                            "checkpoint_every_examples", optional=True)
+  require(isinstance(c.stop_at_target, bool), "stop_at_target", c.stop_at_target,
+          "must be True or False")
   require(isinstance(c.get("fallback_to_previous_checkpoint", False), bool),
           "fallback_to_previous_checkpoint", c.get("fallback_to_previous_checkpoint"),
           "must be True or False")
@@ -145,7 +147,8 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
       measurement_version=version.MEASUREMENT_VERSION,
       memory_budget_bytes=c.memory_budget_bytes,
       checkpoint_every_examples=checkpoint_every_examples, gns_source=gns_source,
-      gns_groups=gns_groups, gns_ema=float(c.gns.ema), gns_note=gns_note)
+      gns_groups=gns_groups, gns_ema=float(c.gns.ema), gns_note=gns_note,
+      stop_at_target=c.stop_at_target)
 
 
 def _optimizer_options(c) -> tuple[float | None, float]:
@@ -219,10 +222,10 @@ def _noise_scale(c, workload, num_devices: int, accum_steps: int,
     return None, 1, f"not measured: {why}"
   if _has_model_state(workload):
     require(g.mode != "groups", "gns.mode", g.mode,
-            f"{workload.name} has model state (BatchNorm statistics) that groups would "
-            "split; measure the noise scale with accum_steps >= 2 instead")
-    return None, 1, ("not measured: the model has state (BatchNorm statistics) that "
-                     "per-device groups would split; use accum_steps >= 2")
+            f"{workload.name} has model state (e.g. BatchNorm statistics) that groups "
+            "would split; measure the noise scale with accum_steps >= 2 instead")
+    return None, 1, ("not measured: the model has state (e.g. BatchNorm statistics) "
+                     "that per-device groups would split; use accum_steps >= 2")
   groups = num_devices if num_devices >= 2 else g.groups
   require(isinstance(groups, int) and groups >= 2 and global_batch % groups == 0,
           "gns.groups", groups, f"must be an integer >= 2 dividing the global batch "

@@ -69,6 +69,7 @@ class TrialSpec:
   gns_groups: int = 1  # groups a micro-batch's gradient is split into ("groups")
   gns_ema: float = 0.95
   gns_note: str | None = None  # why the noise scale is not measured, when it is not
+  stop_at_target: bool = True
 
   # Fields that change neither the result nor what is measured.
   NOT_IDENTITY = ()
@@ -77,7 +78,7 @@ class TrialSpec:
                  "lr_rule", "lr_multiplier", "lr", "warmup_examples", "eval_every_examples",
                  "eval_every_steps", "max_steps", "max_seconds", "target", "seed",
                  "memory_budget_bytes", "checkpoint_every_examples", "throughput", "gns_ema",
-                 "gns_note")
+                 "gns_note", "stop_at_target")
 
   @property
   def micro_batch(self) -> int:

@@ -38,6 +38,13 @@ from batchbench.measure.memory import compiled_memory
 from batchbench.workloads import Workload, get_workload
 
 
+# At most this many train calls are in flight (dispatched, not finished) at once: callers
+# block on the oldest beyond it. The device keeps a queue; unbounded async dispatch of
+# programs with collectives deadlocked XLA:CPU's rendezvous (8 fake devices, 2 cores,
+# ~500 calls in flight: threads waiting in later calls' all-reduces starved earlier ones).
+MAX_IN_FLIGHT = 4
+
+
 @dataclasses.dataclass
 class CompiledCall:
   """An AOT-compiled function with what compiling it told us."""
@@ -105,6 +112,9 @@ class Program:
       ``num_steps`` entries.
     data: the training set on the devices (``{}`` for synthetic workloads).
     eval_data: the padded test set on the devices, or None (synthetic, or abstract).
+    train_eval_data: as many training examples as the test set has, padded the same way
+      (so the one eval executable serves both), for train metrics; None when the
+      training set is smaller than the test set.
     flops_per_step: XLA's FLOPs of one optimizer step, all devices (None if unknown).
   """
 
@@ -117,6 +127,7 @@ class Program:
   data: Any
   eval_data: Any
   flops_per_step: float | None
+  train_eval_data: Any = None
   # The eval call does not depend on the batch: programs of one workload and mesh may
   # share this one-element holder (ProgramCache does), so it is compiled once.
   eval_slot: list = dataclasses.field(default_factory=lambda: [None])
@@ -166,12 +177,18 @@ class Program:
     return feed_lib.LookaheadFeed(feed_lib.EpochIndexFeeder(
         self.spec.train_size, self.spec.global_batch, accum, k, seed).call_indices)
 
-  def evaluate(self, state: TrainState) -> dict[str, float]:
-    """Metric means of ``state`` on the test set, or the workload's own ``evaluate``."""
+  def evaluate(self, state: TrainState, split: str = "test") -> dict[str, float] | None:
+    """Metric means of ``state`` on the test set (or on ``train_eval_data`` with
+    ``split="train"``, None without it), or the workload's own ``evaluate``."""
     if self.workload.evaluate is not None:
+      if split != "test":
+        return None
       return {k: float(v) for k, v in self.workload.evaluate(state.params,
                                                              state.model_state).items()}
-    sums = jax.device_get(self.eval(state.params, state.model_state, self.eval_data))
+    data = self.eval_data if split == "test" else self.train_eval_data
+    if data is None:
+      return None
+    sums = jax.device_get(self.eval(state.params, state.model_state, data))
     count = float(sums["count"])
     return {name: float(v) / count for name, v in sums.items() if name != "count"}
 
@@ -215,7 +232,7 @@ def flops_per_step(workload: Workload, spec: TrialSpec, tx, state: Any, data: An
 
 def build(spec: TrialSpec, *, mesh: Mesh | None = None, abstract: bool = False,
           flops: bool = True, data: Any = None, eval_data: Any = None,
-          arrays: Any = None) -> Program:
+          train_eval_data: Any = None, arrays: Any = None) -> Program:
   """Builds and compiles the program of ``spec`` (its LR and seed are runtime values).
 
   Args:
@@ -225,7 +242,8 @@ def build(spec: TrialSpec, *, mesh: Mesh | None = None, abstract: bool = False,
       devices (what ``probe`` needs). Such a program cannot run.
     flops: lower one step for XLA's FLOP count.
     data: the training set already on this mesh (shared between programs), if any.
-    eval_data: the padded test set already on this mesh, likewise.
+    eval_data, train_eval_data: the padded test set and train subset already on this
+      mesh, likewise.
     arrays: the loaded ``ArrayData``, if the caller has it.
 
   Returns:
@@ -246,6 +264,9 @@ def build(spec: TrialSpec, *, mesh: Mesh | None = None, abstract: bool = False,
               else placement.put_train_data(arrays.train, mesh))
     if eval_data is None and not abstract:
       eval_data = placement.put_eval_data(arrays.test, mesh)
+      if arrays.num_train >= arrays.num_test:
+        subset = {k: a[:arrays.num_test] for k, a in arrays.train.items()}
+        train_eval_data = placement.put_eval_data(subset, mesh)
   repl = replicated(mesh)
   traces: list[int] = []
   feed = _feed_spec(workload, spec, k, mesh)
@@ -258,6 +279,7 @@ def build(spec: TrialSpec, *, mesh: Mesh | None = None, abstract: bool = False,
   step_flops = flops_per_step(workload, spec, tx, shapes, data) if flops else None
   return Program(spec=spec, steps_per_call=k, workload=workload, mesh=mesh, tx=tx,
                  train=train, data=data, eval_data=None if abstract else eval_data,
+                 train_eval_data=None if abstract else train_eval_data,
                  flops_per_step=step_flops)
 
 
@@ -272,7 +294,7 @@ class ProgramCache:
   def __init__(self, flops: bool = True):
     self._flops = flops  # lower each program once more for XLA's FLOP count
     self._programs: dict[str, Program] = {}
-    self._data: dict[tuple, tuple[Any, Any, list]] = {}
+    self._data: dict[tuple, tuple[Any, Any, Any, list]] = {}
     self.hits = 0
     self.compiles = 0
 
@@ -286,10 +308,11 @@ class ProgramCache:
     data_key = (spec.workload, spec.workload_options, tuple(d.id for d in mesh.devices.flat))
     shared = self._data.get(data_key)
     program = build(spec, mesh=mesh, flops=self._flops, data=shared and shared[0],
-                    eval_data=shared and shared[1])
+                    eval_data=shared and shared[1], train_eval_data=shared and shared[2])
     if shared is None:
-      shared = self._data[data_key] = (program.data, program.eval_data, program.eval_slot)
-    program.eval_slot = shared[2]
+      shared = self._data[data_key] = (program.data, program.eval_data,
+                                       program.train_eval_data, program.eval_slot)
+    program.eval_slot = shared[3]
     self._programs[key] = program
     self.compiles += 1
     return program, False

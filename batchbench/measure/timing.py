@@ -16,8 +16,9 @@ import numpy as np
 Clock = Callable[[], float]
 
 # Where a trial's wall time goes. ``input_wait`` is the part of ``train`` that the loop
-# waited for inputs the host had not built ahead; every other bucket is disjoint.
-BUCKETS = ("setup", "compile", "train", "input_wait", "eval", "checkpoint")
+# waited for inputs the host had not built ahead; every other bucket is disjoint
+# (``profile``: train steps run under the profiler, outside every timed window).
+BUCKETS = ("setup", "compile", "train", "input_wait", "eval", "checkpoint", "profile")
 
 
 class TimeLedger:

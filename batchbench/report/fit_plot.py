@@ -49,7 +49,7 @@ def draw_fit(fig: Any, fit_result: Fit, points_for_plot: Mapping[int, Sequence[f
     seeds = _reached(points_for_plot[b])
     ax.plot([b] * len(seeds), seeds, ".", color="gray", alpha=0.6, markersize=4,
             label="per seed" if b == batches[0] else None)
-  medians = {b: np.sort(v)[(len(v) - 1) // 2] for b in batches
+  medians = {b: float(np.median(v)) for b in batches
              if len(v := [np.inf if x is None else x for x in points_for_plot[b]])}
   kept = [b for b in batches if np.isfinite(medians.get(b, np.inf)) and b not in excluded]
   ax.plot(kept, [medians[b] for b in kept], "o", color="C0", label="median")

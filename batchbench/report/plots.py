@@ -24,9 +24,6 @@ CAPTIONS = {
     "throughput.png": "Samples/sec vs global batch, from each batch's throughput phase "
                       "(median over its timed windows; error bars span the interquartile "
                       "range).",
-    "steps_to_target.png": "Steps to target vs global batch; the dashed line is perfect "
-                           "scaling (steps proportional to 1/batch) through the smallest "
-                           "batch that reached the target.",
     "time_to_target.png": "Time to target vs global batch: steps to target x measured step "
                           "time, and the median trial's own wall seconds including compile "
                           "and evals.",
@@ -63,24 +60,6 @@ def _throughput(fig, best: list[Row], _) -> str | None:
   _batch_axis(ax, batches)
   ax.set_ylabel("samples/sec")
   ax.set_title("Throughput")
-  return None
-
-
-def _steps_to_target(fig, best: list[Row], _) -> str | None:
-  rows = [r for r in best if _reached(r)]
-  if not rows:
-    return "no batch reached the target (or the workload has no target)"
-  batches = [r["global_batch"] for r in rows]
-  steps = [r["steps_to_target"] for r in rows]
-  ax = fig.subplots()
-  ax.plot(batches, steps, marker="o", label="measured (best LR)")
-  ax.plot(batches, [steps[0] * batches[0] / b for b in batches], "--", color="gray",
-          label="perfect scaling (steps ∝ 1/batch)")
-  ax.set_yscale("log")
-  _batch_axis(ax, batches)
-  ax.set_ylabel("steps to target")
-  ax.set_title("Steps to target")
-  ax.legend(fontsize="small")
   return None
 
 
@@ -183,7 +162,6 @@ def _curves(fig, best: list[Row], _) -> str | None:
 
 _DRAW: dict[str, Callable[..., str | None]] = {
     "throughput.png": _throughput,
-    "steps_to_target.png": _steps_to_target,
     "time_to_target.png": _time_to_target,
     "memory.png": _memory,
     "curves.png": _curves,

@@ -101,13 +101,23 @@ def warnings(rows: list[Row], best: list[Row], points: list[Row]) -> list[str]:
   return out
 
 
-def recommend(rows: list[Row], best: list[Row], points: list[Row]) -> dict[str, Any]:
-  """The batch to train with, from the per-batch table.
+def _measured_text(r: Row) -> str:
+  return (f"{fmt.number(r['steps_to_target'])} steps (median of {r['seeds_at_lr']} seed(s)) "
+          f"x {fmt.number(r['step_time_ms'])} ms per step (median of {r['timed_windows']} "
+          f"timed windows) = {fmt.number(r['time_to_target_s'])} s of training at lr "
+          f"{lr_text(r)}")
+
+
+def recommend(rows: list[Row], best: list[Row], points: list[Row],
+              plan: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The batch to train with, from the per-batch table and, when the critical-batch fit
+  holds, its time-to-target plan (``analysis.cost``).
 
   Returns:
-    ``fastest_batch`` (least time to target; for a workload without target, most
-    samples/sec; None when nothing qualifies), ``fastest_basis``, ``warnings`` and
-    ``text`` (plain language, every figure taken from ``best``).
+    ``fastest_batch`` (the plan's pick; else the least measured time to target; for a
+    workload without target, the most samples/sec; None when nothing qualifies),
+    ``fastest_basis`` (``fit``, ``time_to_target_s`` or ``samples_per_sec``),
+    ``warnings`` and ``text`` (plain language, every figure from ``best`` or ``plan``).
   """
   timed = [r for r in best if reached(r) and r.get("time_to_target_s") is not None]
   has_target = any(r.get("target") for r in rows)
@@ -119,17 +129,25 @@ def recommend(rows: list[Row], best: list[Row], points: list[Row]) -> dict[str, 
     if ran:
       fastest, basis = max(ran, key=lambda r: r["samples_per_sec"]), "samples_per_sec"
   text = []
-  if not rows:
+  if plan is not None and plan.get("status") == "ok":
+    pick = plan["recommended"]["global_batch"]
+    text.append(f"Train with global batch {pick} to reach the target "
+                f"({target_text(next(r['target'] for r in rows if r.get('target')))}) soonest "
+                f"on this machine. {plan['text']}")
+    measured = next((r for r in timed if r["global_batch"] == pick), None)
+    if measured:
+      text.append(f"Measured at batch {pick}: {_measured_text(measured)}.")
+    if fastest is not None and fastest["global_batch"] != pick:
+      text.append(f"Measured without the fit, batch {fastest['global_batch']} was fastest: "
+                  f"{_measured_text(fastest)}; the fit smooths the seeds' noise.")
+    basis, fastest = "fit", next((r for r in best if r["global_batch"] == pick), fastest)
+  elif not rows:
     text.append("No results yet.")
   elif basis == "time_to_target_s":
-    seeds = fastest["seeds_at_lr"]
     text.append(
         f"Train with global batch {fastest['global_batch']}: on this machine it reaches the "
-        f"target ({target_text(fastest['target'])}) soonest, in "
-        f"{fmt.number(fastest['steps_to_target'])} steps (median of {seeds} seed(s)) x "
-        f"{fmt.number(fastest['step_time_ms'])} ms per step = "
-        f"{fmt.number(fastest['time_to_target_s'])} s of training at lr {lr_text(fastest)} "
-        f"(step time: median of {fastest['timed_windows']} timed windows).")
+        f"target ({target_text(fastest['target'])}) soonest, in {_measured_text(fastest)}"
+        + (f". (No critical-batch fit: {plan['reason']}.)" if plan else "."))
   elif basis == "samples_per_sec":
     text.append(f"This workload has no target, so only throughput is compared: global "
                 f"batch {fastest['global_batch']} runs the most samples/sec "

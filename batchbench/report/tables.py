@@ -19,10 +19,13 @@ def _final_metric(row: Row) -> tuple[str | None, float | None]:
   return name, final.get(name) if name else None
 
 
-def summary_records(best: list[Row]) -> list[dict[str, Any]]:
-  """The per-batch table with raw values (the columns of ``summary.csv``)."""
+def summary_records(best: list[Row],
+                    searches: dict[int, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+  """The per-batch table with raw values (the columns of ``summary.csv``); ``searches``
+  maps a batch to its LR search's record (``lr_search.jsonl``)."""
   records = []
   for r in best:
+    search = (searches or {}).get(r["global_batch"]) or {}
     point = r.get("point") or {}
     memory = point.get("memory") or r.get("memory") or {}
     iqr = r.get("samples_per_sec_iqr") or (None, None)
@@ -30,6 +33,7 @@ def summary_records(best: list[Row]) -> list[dict[str, Any]]:
     records.append({
         "global_batch": r["global_batch"], "lr": r.get("lr"),
         "lr_multiplier": r.get("lr_multiplier"), "lr_interior": r["lr_interior"],
+        "lr_search": search.get("reason"), "lrs_tried": len(r["lrs_tried"]),
         "seeds_at_lr": r["seeds_at_lr"], "seeds_reached": r["seeds_reached"],
         "samples_per_sec": r.get("samples_per_sec"), "samples_per_sec_q25": iqr[0],
         "samples_per_sec_q75": iqr[1], "timed_windows": r.get("timed_windows"),
@@ -43,7 +47,8 @@ def summary_records(best: list[Row]) -> list[dict[str, Any]]:
         "loop_time_to_target_s": r.get("loop_time_to_target_s"),
         "time_to_target_wall_s": r.get("time_to_target_wall_s"),
         "final_metric": metric, "final_metric_value": value,
-        "final_train_loss": r.get("final_train_loss"), "status": r["status"],
+        "final_train_loss": r.get("final_train_loss"),
+        "b_simple": r.get("b_simple_median"), "status": r["status"],
         "selection": r["selection"], "trial_id": r["trial_id"]})
   return records
 
@@ -69,6 +74,7 @@ def summary_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[s
   columns = [
       ("batch", lambda r: fmt.number(r["global_batch"])),
       ("LR", lambda r: lr_text(r) + ("" if r["lr_interior"] else " (edge)")),
+      ("search", lambda r: f"{r['lr_search'] or '-'} ({r['lrs_tried']} LRs)"),
       ("seeds", lambda r: f"{r['seeds_reached']}/{r['seeds_at_lr']}"),
       ("samples/sec", rate_text),
       ("IQR", lambda r: "-" if r["samples_per_sec_q25"] is None else
@@ -84,10 +90,12 @@ def summary_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[s
       ("wall s (trial)", lambda r: fmt.number(r["time_to_target_wall_s"])),
       (f"final {metrics.pop()}" if len(metrics) == 1 else "final metric",
        lambda r: fmt.number(r["final_metric_value"])),
+      ("B_simple", lambda r: fmt.number(r["b_simple"])),
       ("status", lambda r: r["status"]),
   ]
-  if all(r["device_peak_bytes"] is None for r in records):
-    columns = [c for c in columns if c[0] != "device peak"]
+  for name, key in (("device peak", "device_peak_bytes"), ("B_simple", "b_simple")):
+    if all(r[key] is None for r in records):
+      columns = [c for c in columns if c[0] != name]
   return [c[0] for c in columns], [[f(r) for _, f in columns] for r in records]
 
 
@@ -116,3 +124,14 @@ def trials_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
                     fmt.number(r.get("loop_samples_per_sec")),
                     fmt.number(r.get("compile_s")), fmt.first_line(r.get("error"))]
                    for r in ordered]
+
+
+def generalization_table(g: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+  """Per batch: the LR with the best final test metric, and the train-test gap."""
+  span = lambda s: "-" if not s else (f"{fmt.number(s['median'])} ({fmt.number(s['min'])}"
+                                      f"–{fmt.number(s['max'])})")
+  headers = ["batch", "LR", "seeds", f"final test {g['metric']} (min–max)", "epochs",
+             f"train-test gap at {fmt.number(g['epochs'])} epochs (min–max)"]
+  return headers, [[fmt.number(b["global_batch"]), lr_text(b), str(b["seeds"]),
+                    span(b["final"]), fmt.number(b["epochs"]), span(b["gap"])]
+                   for b in g["batches"]]

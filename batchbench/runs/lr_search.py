@@ -10,7 +10,8 @@ the LRs tried, it asks for the next LR beyond that edge (x ``factor``, or /
 * ``diverged_beyond``: it has a tried LR on each side, but one of them diverged or
   missed the target (the optimum lies between; common just below the stability edge);
 * ``limit``: the best LR is still at an edge after ``max_extensions`` extensions;
-* ``none_reached``: no LR reached the target and no direction is left to try.
+* ``none_reached``: no LR reached the target and no direction is left to try (the LR
+  that came closest, by its final metric, is interior, or the extensions ran out).
 
 Multipliers are rounded to 12 significant digits, so the same LR keeps the same
 trial id across rounds and reruns; decisions depend only on the rows, so a
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,6 +49,21 @@ class Decision:
   def as_row(self, global_batch: int) -> dict[str, Any]:
     return {"global_batch": global_batch, "reason": self.reason, "best_lr_multiplier": self.best,
             "lr_multipliers": list(self.tried)}
+
+
+def _progress(rows: list[Row]) -> float:
+  """The median over seeds of the final target metric, oriented so that larger is better
+  (-inf for a seed without one: diverged, failed, not evaluated)."""
+  values = []
+  for r in rows:
+    target, final = r.get("target") or {}, r.get("final_eval") or {}
+    value = final.get(target.get("metric"))
+    if value is None or r["status"] in ("diverged", "oom", "error") or not math.isfinite(
+        value):
+      values.append(-math.inf)
+    else:
+      values.append(value if target.get("direction", "max") == "max" else -value)
+  return statistics.median(values) if values else -math.inf
 
 
 def _extensions(tried: Sequence[float], grid: Sequence[float], up: bool) -> int:
@@ -84,11 +101,16 @@ def decide(rows: list[Row], grid: Sequence[float], *, factor: float = 2.0,
 
   hits = [m for m in tried if groups[m]["steps"] != math.inf]
   if not hits:
-    top, bottom = groups[tried[-1]], groups[tried[0]]
-    if not top["diverged"]:  # nothing too large yet: larger LRs may reach it
+    # No LR reached the target: head towards the one that got closest (median final
+    # value of the target metric; a diverged or unevaluated seed counts as worst). A
+    # loss can explode and stay finite (chance accuracy, no NaN), so "not diverged"
+    # alone does not mean "too small".
+    progress = {m: _progress(groups[m]["rows"]) for m in tried}
+    closest = max(tried, key=lambda m: (progress[m], -m))
+    if progress[closest] == -math.inf or closest == tried[0]:
+      return extend(False, None)  # everything failed, or the smallest LR did best
+    if closest == tried[-1]:
       return extend(True, None)
-    if bottom["diverged"] == bottom["seeds"]:  # everything diverged: go lower
-      return extend(False, None)
     return Decision((), "none_reached", None, tuple(tried))
   best = min(hits, key=lambda m: (groups[m]["steps"], m))
   i = tried.index(best)

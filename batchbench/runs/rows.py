@@ -37,10 +37,12 @@ memory                     XLA byte counts of the compiled train call (per devic
                            device_peak_bytes (the runtime's, for this trial only,
                            where knowable) with device_peak_note when it is not
 flops_per_step             XLA FLOPs of one optimizer step, all devices
-final_eval                 {metric: value} of the last eval
+final_eval                 {metric: value} of the last eval (test set)
+final_train_eval           the same metrics on as many training examples (train-test gap)
 final_train_loss           mean train loss of the last step
 target                     {"metric", "value", "direction"} or None
-eval_history               list of {"examples", "step", "train_s", "metrics"}
+eval_history               list of {"examples", "step", "train_s", "metrics",
+                           "train_metrics", "b_simple"}
 time_ledger                seconds per bucket: setup, compile, train, input_wait,
                            eval, checkpoint
 traces                     {"train": n, "eval": n}: times each program was traced
@@ -56,6 +58,8 @@ gns_b_small, gns_b_big     the two batch sizes of its estimate
 b_simple                   B_simple = tr(Sigma)/|G|^2 at the eval that met the target
                            (else the last eval); every eval's is in eval_history
 b_simple_final             B_simple at the end of the trial
+profile                    {"dir", "first_step", "last_step"} of the jax.profiler trace
+                           (--profile_steps), else None
 provenance                 harness/measurement version, git commit and dirty flag,
                            jax/jaxlib versions, device kind, host CPU
 measurement_version        the code version that measured this row
@@ -126,13 +130,16 @@ def make_row(spec: TrialSpec, *, status: str, ledger: TimeLedger | None = None,
       "loop_timed_windows": perf.get("timed_windows", 0),
       "compile_s": None, "compile_cached": None, "program_compile_s": None,
       "memory": None, "flops_per_step": None,
-      "final_eval": history[-1]["metrics"] if history else None, "final_train_loss": None,
+      "final_eval": history[-1]["metrics"] if history else None,
+      "final_train_eval": history[-1].get("train_metrics") if history else None,
+      "final_train_loss": None,
       "target": None if spec.target is None else {
           "metric": spec.target.metric, "value": spec.target.value,
           "direction": spec.target.direction},
       "eval_history": history, "time_ledger": ledger.as_dict() if ledger else None,
       "traces": None, "diverged_step": None, "resumes": 0, "wall_s": wall,
       "params_hash": None, "restored_from_fallback": False, "notes": [],
+      "profile": None,
       "gns_source": spec.gns_source, "gns_b_small": None, "gns_b_big": None,
       "gns_note": spec.gns_note, "b_simple": None, "b_simple_final": None,
       "provenance": provenance(), "measurement_version": spec.measurement_version,

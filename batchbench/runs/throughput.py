@@ -27,7 +27,7 @@ from typing import Any
 import jax
 
 from batchbench.config import TrialSpec
-from batchbench.core.program import ProgramCache, build
+from batchbench.core.program import MAX_IN_FLIGHT, ProgramCache, build
 from batchbench.measure.memory import PeakTracker
 from batchbench.measure.timing import Window, WindowTimer, window_stats
 from batchbench.store import results
@@ -83,6 +83,8 @@ def measure(spec: TrialSpec, *, cache: ProgramCache | None = None,
     for _ in range(n):
       state, metrics = program.run(state, feed(step))
       outs.append(metrics)
+      if len(outs) > MAX_IN_FLIGHT:  # a bounded queue of calls (see MAX_IN_FLIGHT)
+        jax.block_until_ready(outs[-MAX_IN_FLIGHT - 1])
       step += k
       feed.prefetch(step)
     jax.block_until_ready((state, outs))

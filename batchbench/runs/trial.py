@@ -36,7 +36,7 @@ import numpy as np
 from batchbench.analysis.noise import NoiseScale
 from batchbench.config import TrialSpec
 from batchbench.core import optim
-from batchbench.core.program import Program, ProgramCache, build
+from batchbench.core.program import MAX_IN_FLIGHT, Program, ProgramCache, build
 from batchbench.measure.memory import PeakTracker
 from batchbench.measure.timing import BUCKETS, TimeLedger, Window, WindowTimer
 from batchbench.runs.observe import TrialObserver
@@ -68,6 +68,7 @@ class LoopState:
   restored_from_fallback: bool = False
   notes: list[str] = dataclasses.field(default_factory=list)
   noise: NoiseScale | None = None  # the gradient noise scale's moving averages
+  profile: dict[str, Any] | None = None  # where the profiled steps' trace is, once taken
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> LoopState:
@@ -102,9 +103,11 @@ class Trial:
                watch: checkpoint.PreemptionWatch | None = None,
                cache: ProgramCache | None = None, point: dict[str, Any] | None = None,
                on_window: Callable[[int, Window], None] | None = None,
-               observers: tuple[TrialObserver, ...] = ()):
+               observers: tuple[TrialObserver, ...] = (), profile_steps: int = 0,
+               profile_dir: str | None = None):
     self.spec = spec
     self.observers = observers
+    self.profile_steps, self.profile_dir = profile_steps, profile_dir
     self.clock = clock
     self.log = log or (lambda _: None)
     self.ckpt = ckpt
@@ -179,8 +182,15 @@ class Trial:
     drop_window = resume  # the first window after a restore is a warm-up, like the first
     k = program.steps_per_call
     every = spec.eval_every_steps
-    window_steps = every or max(1, WINDOW_EXAMPLES // (k * spec.global_batch)) * k
-    evaluate = program.eval is not None
+    no_eval_window = max(1, WINDOW_EXAMPLES // (k * spec.global_batch)) * k
+
+    def evals_due() -> bool:
+      # Past the target (trained on to the budget), only the final eval is needed: the
+      # final metrics and the train-test gap are compared at the budget.
+      return bool(every) and not loop.to_target
+    # Evaluates when the workload has test data or its own evaluate (the eval program is
+    # compiled on first use, so a workload with its own never compiles it).
+    evaluate = program.eval_data is not None or program.workload.evaluate is not None
     last_log = self.clock()
     lr_at = lambda step: spec.lr * float(optim.schedule_shape(
         spec.warmup_steps, spec.schedule, spec.max_steps)(step))
@@ -192,15 +202,24 @@ class Trial:
              + ("from cache" if got.cached else f"compiled in {got.seconds:.2f}s"))
 
     def window_end(step: int) -> int:  # the next eval (or window), budget or checkpoint
+      window_steps = every if evals_due() else no_eval_window
       end = (step // window_steps + 1) * window_steps
       if spec.max_steps:
         end = min(end, spec.max_steps)
       return min(end, next_save) if next_save else end
 
+    windows_run = 0
     while loop.status is None:
       start_step = loop.step
       next_save = self._next_checkpoint(saved_step) if self.ckpt is not None else None
       end = window_end(loop.step)
+      # Profile the first steady-state window (not the warm-up), at most profile_steps
+      # long; it is left out of the timing like the warm-up.
+      profiling = (self.profile_steps > 0 and loop.profile is None and windows_run >= 1
+                   and self.profile_dir is not None)
+      if profiling:
+        end = min(end, loop.step + self.profile_steps)
+        jax.profiler.start_trace(self.profile_dir)
       preempted, losses = False, []
       timer.start()
       train_start = self.clock()
@@ -210,6 +229,8 @@ class Trial:
           call_feed = feed(loop.step, n)
         state, metrics = program.run(state, call_feed, n)
         losses.append((metrics, n))
+        if len(losses) > MAX_IN_FLIGHT:  # a bounded queue of calls (see MAX_IN_FLIGHT)
+          jax.block_until_ready(losses[-MAX_IN_FLIGHT - 1][0])
         loop.step += n
         # The next call's inputs, while the device runs this one (a checkpoint that cuts
         # the next window's first call shorter only costs building them again).
@@ -222,9 +243,16 @@ class Trial:
       jax.block_until_ready((state, losses))
       steps = loop.step - start_step
       timer.stop(steps * spec.global_batch, steps)
-      timed = timer.windows.pop() if drop_window else timer.windows[-1]
+      timed = timer.windows.pop() if drop_window or profiling else timer.windows[-1]
       drop_window = False
-      self.ledger.add("train", self.clock() - train_start)
+      windows_run += 1
+      self.ledger.add("profile" if profiling else "train", self.clock() - train_start)
+      if profiling:
+        jax.profiler.stop_trace()
+        loop.profile = {"dir": self.profile_dir, "first_step": start_step,
+                        "last_step": loop.step}
+        self.log(f"  profiled steps {start_step + 1}-{loop.step}: trace in "
+                 f"{self.profile_dir} (tensorboard --logdir, or Perfetto)")
 
       fetched = jax.device_get(losses)
       window = {name: np.concatenate([np.asarray(m[name])[:n] for m, n in fetched])
@@ -238,13 +266,15 @@ class Trial:
         loop.diverged_step = start_step + int(bad[0]) + 1
         loop.status = "diverged"
         break
-      if evaluate and loop.step % every == 0 and self._evaluate(program, state):
+      if (evaluate and evals_due() and loop.step % every == 0
+          and self._evaluate(program, state) and spec.stop_at_target):
         loop.status = "ok"
         break
+      done = "ok" if spec.target is None or loop.to_target else "target_not_reached"
       if spec.max_steps and loop.step >= spec.max_steps:
-        loop.status = "ok" if spec.target is None else "target_not_reached"
+        loop.status = done
       elif spec.max_seconds and self.ledger.seconds["train"] >= spec.max_seconds:
-        loop.status = "ok" if spec.target is None else "target_not_reached"
+        loop.status = done
       if self.clock() - last_log >= PROGRESS_EVERY_S or loop.status:
         last_log = self.clock()
         self._progress(timed)
@@ -265,7 +295,7 @@ class Trial:
         raise checkpoint.Preempted(loop.step, self._step_path())
 
     # The budget ended between evals: this eval counts toward the target too.
-    if (evaluate and loop.status != "diverged" and not loop.to_target
+    if (evaluate and loop.status != "diverged"
         and (not loop.history or loop.history[-1]["step"] != loop.step)
         and self._evaluate(program, state)):
       loop.status = "ok"
@@ -283,10 +313,10 @@ class Trial:
         error=f"non-finite loss at step {loop.diverged_step}" if loop.diverged_step else None,
         final_train_loss=loop.last_loss, diverged_step=loop.diverged_step,
         traces={"train": len(program.train.traces),
-                "eval": len(program.eval.traces) if evaluate else 0},
+                "eval": len(program.eval_slot[0].traces) if program.eval_slot[0] else 0},
         resumes=loop.resumes, params_hash=checkpoint.params_hash(state.params),
         restored_from_fallback=loop.restored_from_fallback, notes=loop.notes,
-        **compile_fields, **self._noise_fields(), **loop.to_target)
+        profile=loop.profile, **compile_fields, **self._noise_fields(), **loop.to_target)
     self._summary(row)
     for observer in self.observers:
       observer.on_end(row)
@@ -301,9 +331,12 @@ class Trial:
     spec, loop = self.spec, self.loop
     with self.ledger.measure("eval"):
       metrics = program.evaluate(state)
+      train_metrics = program.evaluate(state, "train")
     train_s = self.ledger.seconds["train"]
     entry = {"examples": loop.step * spec.global_batch, "step": loop.step,
              "train_s": train_s, "metrics": metrics}
+    if train_metrics is not None:
+      entry["train_metrics"] = train_metrics
     if loop.noise is not None:
       entry["b_simple"] = loop.noise.b_simple
     loop.history.append(entry)
@@ -367,7 +400,8 @@ def run_trial(spec: TrialSpec, *, clock: Callable[[], float] = time.perf_counter
               preemption: checkpoint.PreemptionWatch | None = None,
               cache: ProgramCache | None = None, point: dict[str, Any] | None = None,
               on_window: Callable[[int, Window], None] | None = None,
-              observers: tuple[TrialObserver, ...] = ()) -> dict[str, Any]:
+              observers: tuple[TrialObserver, ...] = (),
+              profile_steps: int = 0) -> dict[str, Any]:
   """Runs one trial, or resumes it from its latest checkpoint, and returns its result row.
 
   Args:
@@ -386,6 +420,9 @@ def run_trial(spec: TrialSpec, *, clock: Callable[[], float] = time.perf_counter
     on_window: called as ``on_window(step, window)`` after every timing window (and its
       checkpoint), outside the timed region; tests use it to interrupt a trial.
     observers: ``TrialObserver``s (TensorBoard, MLPerf logging).
+    profile_steps: trace this many steady-state steps with ``jax.profiler`` into
+      ``<workdir>/profile`` (the window after the warm-up, left out of the timing; the
+      row's ``profile`` says where). Needs ``workdir``.
 
   Returns:
     The result row. Divergence and a missed target are statuses, not exceptions.
@@ -405,7 +442,9 @@ def run_trial(spec: TrialSpec, *, clock: Callable[[], float] = time.perf_counter
       ckpt = checkpoint.TrialCheckpointer(
           workdir, spec, fallback_to_previous=fallback_to_previous_checkpoint, log=log)
     trial = Trial(spec, clock=clock, log=log, ckpt=ckpt, watch=preemption, cache=cache,
-                  point=point, on_window=on_window, observers=observers)
+                  point=point, on_window=on_window, observers=observers,
+                  profile_steps=profile_steps,
+                  profile_dir=f"{workdir}/profile" if workdir is not None else None)
     try:
       row = trial.run()
     except BaseException:

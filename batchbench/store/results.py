@@ -22,6 +22,7 @@ from batchbench.fmt import to_jsonable
 
 RESULTS_FILE = "results.jsonl"
 THROUGHPUT_FILE = "throughput.jsonl"
+LR_SEARCH_FILE = "lr_search.jsonl"  # why each batch's LR search stopped (runs.lr_search)
 KEYS = {RESULTS_FILE: "trial_id", THROUGHPUT_FILE: "point_id"}
 STATUSES = ("ok", "target_not_reached", "diverged", "oom", "error")
 
