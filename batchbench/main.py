@@ -49,6 +49,63 @@ _MODE = flags.DEFINE_string(
     "accumulation steps) or inference (--total examples as batch size x batch count).")
 _TOTAL = flags.DEFINE_integer("total", None,
                               "--mode=inference: examples to run through the forward pass.")
+_TABLE = flags.DEFINE_string(
+    "table", None, "fit: a CSV with a column 'batch' and one of 'steps', 'examples' or "
+    "'epochs' (repeated batches are several runs), e.g. a published table, instead of a "
+    "sweep's --workdir.")
+_BASELINE = flags.DEFINE_string(
+    "baseline", None, "compare: the baseline: a workdir, or its throughput.jsonl / "
+    "results.jsonl. Without it, --history's last --baseline_runs runs.")
+_CANDIDATE = flags.DEFINE_string(
+    "candidate", None, "compare: the candidate: a workdir, or its throughput.jsonl / "
+    "results.jsonl.")
+_ALPHA = flags.DEFINE_float(
+    "alpha", 0.01, "compare: significance level of the two-sided Mann-Whitney U test on "
+    "per-window figures.")
+_THRESHOLD = flags.DEFINE_string(
+    "threshold", "0.05", "compare: smallest relative median change that counts: one "
+    "fraction, or METRIC=FRACTION,... for samples_per_sec, step_time_ms, time_to_target_s.")
+_OUTPUT = flags.DEFINE_string("output", None,
+                              "compare: also write the report here (.json or .md).")
+_HISTORY = flags.DEFINE_string(
+    "history", None, "compare: history directory (SQLite); the candidate is appended, and "
+    "without --baseline it is the baseline. history: the store to render.")
+_BASELINE_RUNS = flags.DEFINE_integer(
+    "baseline_runs", 1, "compare --history: the baseline is the median of this many last "
+    "runs.")
+_PROFILE_STEPS = flags.DEFINE_integer(
+    "profile_steps", 0, "trial, sweep: trace this many steady-state steps of each trial "
+    "with jax.profiler into <workdir>/trials/<trial_id>/profile (TensorBoard's profile "
+    "plugin or Perfetto); left out of the timed windows.")
+_TENSORBOARD = flags.DEFINE_bool(
+    "tensorboard", False, "trial, sweep: TensorBoard event files in "
+    "<workdir>/tensorboard/<trial_id> (tensorboard --logdir <workdir>/tensorboard).")
+_MLLOG = flags.DEFINE_bool("mllog", False, "trial, sweep: ':::MLLOG {json}' lines in "
+                           "<workdir>/mllog/<trial_id>.log.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 64,
+                                   "generate: N, the images to make at every batch size.")
+_BATCH_SIZES = flags.DEFINE_string(
+    "batch_sizes", None, "generate: batch sizes, a list '1,2,4,8' or a power-of-two range "
+    "'1:64' (default: 1, 2, 4, ... up to --num_images); each runs ceil(N / size) batches.")
+_SAMPLER = flags.DEFINE_string(
+    "sampler", "ddim", "generate: ddim (deterministic given the initial noise) or ddpm "
+    "(ancestral: fresh noise every step).")
+_SAMPLER_STEPS = flags.DEFINE_integer(
+    "sampler_steps", 50, "generate: network evaluations per image (at most the model's "
+    "training timesteps, workload_options.num_timesteps).")
+_SAMPLER_SEED = flags.DEFINE_integer(
+    "sampler_seed", 0, "generate: image i's noise is keyed by (sampler_seed, i), so image i "
+    "is the same at every batch size.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "generate: a trial directory (<workdir>/trials/<trial_id>) to take "
+    "the trained model from; default: the config's trial in --workdir, trained first if "
+    "needed.")
+_SAVE_IMAGES = flags.DEFINE_bool(
+    "save_images", False, "generate: write <workdir>/generate/images_b{size}.npy, the N "
+    "images of each batch size.")
+_DEADLINE = flags.DEFINE_float(
+    "deadline", None, "fit, report, sweep: seconds of training; also recommend the batch "
+    "with the fewest device-seconds that reaches the target within them.")
 
 Log = Callable[[str], None]
 
@@ -155,7 +212,9 @@ TRIAL_FIELDS = ("workload, workload_options", "global_batch, accum_steps, num_de
 
 
 @command("trial", "one training run at the config's global_batch: its throughput point, "
-         "steps and time to target", flags_=("memory_budget", "compilation_cache_dir"),
+         "steps and time to target",
+         flags_=("memory_budget", "compilation_cache_dir", "tensorboard", "mllog",
+                 "profile_steps"),
          fields=TRIAL_FIELDS,
          example="batchbench trial --config=configs/digits_mlp.py --workdir=/tmp/bb "
                  "--config.global_batch=128")
@@ -164,7 +223,7 @@ def _trial(config, workdir, log) -> int:
 
   from batchbench.config import resolve  # pylint: disable=g-import-not-at-top
   from batchbench.core.program import ProgramCache  # pylint: disable=g-import-not-at-top
-  from batchbench.runs import sweep, throughput, trial  # pylint: disable=g-import-not-at-top
+  from batchbench.runs import observe, sweep, throughput, trial  # pylint: disable=g-import-not-at-top
   from batchbench.store import results  # pylint: disable=g-import-not-at-top
 
   spec = resolve(_with_memory_budget(config), jax.local_device_count())
@@ -172,8 +231,10 @@ def _trial(config, workdir, log) -> int:
   _use_compilation_cache()
   cache = ProgramCache()
   point = throughput.ensure_point(spec, workdir, cache=cache, log=log)
+  observers = observe.observers_for(workdir, tensorboard=_TENSORBOARD.value,
+                                    mllog=_MLLOG.value, process_index=jax.process_index())
   row = trial.run_trial(spec, log=log, workdir=sweep.trial_dir(workdir, spec), cache=cache,
-                        point=point,
+                        point=point, observers=observers, profile_steps=_profile_steps(),
                         fallback_to_previous_checkpoint=config.fallback_to_previous_checkpoint)
   if jax.process_index() == 0:
     results.append_row(workdir, row)
@@ -184,7 +245,8 @@ def _trial(config, workdir, log) -> int:
 
 @command("sweep", "every (global batch x LR multiplier x seed) of the config's sweep section, "
          "each batch's throughput point, then the report",
-         flags_=("isolation", "memory_budget", "compilation_cache_dir"),
+         flags_=("isolation", "memory_budget", "compilation_cache_dir", "deadline",
+                 "tensorboard", "mllog", "profile_steps"),
          fields=("sweep.global_batches or sweep.batch_range", "sweep.lr_multipliers",
                  "sweep.seeds", "sweep.lr_search.enabled, sweep.lr_search.factor, "
                  "sweep.lr_search.max_extensions", "sweep.lr_rule, sweep.reference_batch, "
@@ -203,7 +265,8 @@ def _sweep(config, workdir, log) -> int:
     _use_compilation_cache()
   options = sweep.RunOptions(
       config_path=_config_path(), compilation_cache_dir=cache_dir,
-      fallback_to_previous_checkpoint=config.fallback_to_previous_checkpoint)
+      fallback_to_previous_checkpoint=config.fallback_to_previous_checkpoint,
+      tensorboard=_TENSORBOARD.value, mllog=_MLLOG.value, profile_steps=_profile_steps())
   summary = sweep.run_sweep(specs, workdir, isolation=_ISOLATION.value, log=log,
                             options=options, search=search)
   counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["statuses"].items())) or "none"
@@ -212,11 +275,29 @@ def _sweep(config, workdir, log) -> int:
   return _write_report(workdir)
 
 
+def _profile_steps() -> int:
+  from batchbench.config import ConfigError  # pylint: disable=g-import-not-at-top
+  if _PROFILE_STEPS.value < 0:
+    raise ConfigError("profile_steps", _PROFILE_STEPS.value, "must be an integer >= 0")
+  return _PROFILE_STEPS.value
+
+
+def _deadline() -> float | None:
+  from batchbench.config import ConfigError  # pylint: disable=g-import-not-at-top
+  value = _DEADLINE.value
+  if value is not None and not value > 0:
+    raise ConfigError("deadline", value, "must be a positive number of seconds")
+  return value
+
+
 def _write_report(workdir: str) -> int:
+  from batchbench.analysis.fit import fit_text  # pylint: disable=g-import-not-at-top
   from batchbench.report import render, tables  # pylint: disable=g-import-not-at-top
 
-  out = render.write_report(workdir)
+  out = render.write_report(workdir, deadline_s=_deadline())
   print(tables.console_table(out["best"]))
+  if out["answer"]["fit"] is not None:
+    print(fit_text(out["answer"]["fit"]))
   print(out["recommendation"]["text"])
   for warning in out["recommendation"]["warnings"]:
     print(f"  warning: {warning}")
@@ -225,8 +306,26 @@ def _write_report(workdir: str) -> int:
   return 0
 
 
+@command("fit", "the critical batch size: fit S(B) = S_min (1 + B_crit/B) to a sweep's steps "
+         "to target (--workdir) or to a table (--table), with 90% bootstrap intervals, and "
+         "the batch with the least time to target", flags_=("table", "deadline"),
+         example="batchbench fit --workdir=/tmp/sweep   # or --table=published.csv")
+def _fit(config, workdir, log) -> int:
+  del config, log
+  from batchbench.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from batchbench.report import fit_command  # pylint: disable=g-import-not-at-top
+
+  if workdir is None and _TABLE.value is None:
+    raise ConfigError("workdir", workdir, "give a sweep's --workdir, or --table=FILE.csv "
+                      "(with --workdir too, the outputs go there)")
+  out = fit_command.run_fit(workdir=workdir, table=_TABLE.value, deadline_s=_deadline())
+  print(out["text"])
+  print(f"fit: {out['paths']['fit.json']} (and the plots beside it)")
+  return 0
+
+
 @command("report", "render the tables, plots and recommendation of a workdir's results",
-         example="batchbench report --workdir=/tmp/sweep")
+         flags_=("deadline",), example="batchbench report --workdir=/tmp/sweep")
 def _report(config, workdir, log) -> int:
   del config, log
   from batchbench.config import ConfigError  # pylint: disable=g-import-not-at-top
@@ -245,6 +344,42 @@ def _config_path() -> str | None:
   raw = flags.FLAGS["config"].serialize().partition("=")[2]
   path = raw.split(":", 1)[0]
   return os.path.abspath(path) if path and os.path.exists(path) else None
+
+
+@command("compare", "did the candidate regress against the baseline? Mann-Whitney U on the "
+         "per-window throughput plus a threshold; FLOPs, memory and steps exactly; exit 1 "
+         "on a regression", flags_=("baseline", "candidate", "alpha", "threshold", "output",
+                                    "history", "baseline_runs"),
+         example="batchbench compare --baseline=/data/nightly/prev --candidate=/data/nightly/"
+                 "tonight --output=cmp.json")
+def _compare(config, workdir, log) -> int:
+  del config, workdir, log
+  from batchbench.runs.compare import run_compare  # pylint: disable=g-import-not-at-top
+  return run_compare(_BASELINE.value, _CANDIDATE.value, alpha=_ALPHA.value,
+                     threshold=_THRESHOLD.value, output=_OUTPUT.value, history=_HISTORY.value,
+                     baseline_runs=_BASELINE_RUNS.value, log=print)
+
+
+@command("history", "trend plots per metric from a --history store, with change points "
+         "(a step change sustained over 3+ runs)", flags_=("history",),
+         example="batchbench history --history=$HOME/bb_history --workdir=/tmp/trends")
+def _history(config, workdir, log) -> int:
+  del config, log
+  from batchbench.runs.history import run_history  # pylint: disable=g-import-not-at-top
+  return run_history(_HISTORY.value, workdir, log=print)
+
+
+@command("nightly", "the fixed nightly suite (configs/nightly.py): throughput points, a "
+         "short digits sweep and a probe, compared with the baseline or the history; exit 1 "
+         "on a regression", flags_=("baseline", "history", "baseline_runs", "alpha",
+                                    "threshold"),
+         example="batchbench nightly --config=configs/nightly.py --workdir=/data/nightly/"
+                 "tonight --history=$HOME/bb_history")
+def _nightly(config, workdir, log) -> int:
+  from batchbench.runs.nightly import run_nightly  # pylint: disable=g-import-not-at-top
+  return run_nightly(_require_config(config).suite, workdir, baseline=_BASELINE.value,
+                     history=_HISTORY.value, baseline_runs=_BASELINE_RUNS.value,
+                     alpha=_ALPHA.value, threshold=_THRESHOLD.value, log=log)
 
 
 @command("probe", "compile the train step at growing batches (no training): the largest "
@@ -294,6 +429,28 @@ def _decompose(config, workdir, log) -> int:
         + (f"; NOT EQUIVALENT: {', '.join(result['not_equivalent'])}"
            if result["not_equivalent"] else "") + f"; files in {where}")
   return 1 if result["not_equivalent"] else 0
+
+
+@command("generate", "N images from a trained diffusion model at each batch size (batch "
+         "count = ceil(N / size)): images/s, latency, time to first image, compile, memory",
+         flags_=("num_images", "batch_sizes", "sampler", "sampler_steps", "sampler_seed",
+                 "checkpoint", "save_images", "memory_budget"),
+         fields=("workload, workload_options (a diffusion workload, e.g. digits_ddpm)",
+                 "global_batch, base_lr, seed, max_examples, target_value (the trial trained "
+                 "when there is no --checkpoint)"),
+         example="batchbench generate --config=configs/digits_ddpm.py --workdir=/tmp/ddpm "
+                 "--num_images=64 --batch_sizes=1:64")
+def _generate(config, workdir, log) -> int:
+  from batchbench.runs import generate  # pylint: disable=g-import-not-at-top
+  config = _require_config(config)
+  result = generate.run_generate(
+      config, workdir, num_images=_NUM_IMAGES.value, batch_sizes=_BATCH_SIZES.value,
+      sampler=_SAMPLER.value, sampler_steps=_SAMPLER_STEPS.value, seed=_SAMPLER_SEED.value,
+      checkpoint=_CHECKPOINT.value, memory_budget_bytes=_memory_budget_bytes(),
+      save_images=_SAVE_IMAGES.value, log=log)
+  print(generate.format_generate(result))
+  print(f"files in {os.path.join(os.path.abspath(workdir), generate.GENERATE_DIR)}")
+  return 0
 
 
 def main(argv) -> int:

@@ -178,7 +178,8 @@ def test_sweep_help_lists_flags_config_fields_and_an_example(cli):
   flag_lines = [line.strip() for line in sections[1].splitlines()[1:]]
   named = [line.split(":", 1)[0] for line in flag_lines]
   assert set(named) == {"--config", "--workdir", "--quiet", "--isolation", "--memory_budget",
-                        "--compilation_cache_dir"}
+                        "--compilation_cache_dir", "--deadline", "--tensorboard", "--mllog",
+                        "--profile_steps"}
   for line in flag_lines:  # each with its help text
     assert len(line.split(":", 1)[1].strip()) > 10, line
   # Every config field it names exists, and the sweep's own fields are among them.

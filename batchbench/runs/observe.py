@@ -32,3 +32,34 @@ class TrialObserver:
 
   def on_end(self, row: dict[str, Any]) -> None:
     """The trial's result row."""
+
+
+def observers_for(workdir: str, *, tensorboard: bool = False, mllog: bool = False,
+                  mllog_stdout: bool = False,
+                  process_index: int = 0) -> tuple[TrialObserver, ...]:
+  """The observers a run's options ask for (only process 0 writes files).
+
+  Args:
+    workdir: the sweep's (or trial command's) workdir: TensorBoard event files go to
+      ``<workdir>/tensorboard/<trial_id>``, MLPerf logs to ``<workdir>/mllog/<trial_id>.log``.
+    tensorboard: write TensorBoard event files (``store.tensorboard``).
+    mllog: write ``:::MLLOG`` lines (``store.mllog``).
+    mllog_stdout: also print the ``:::MLLOG`` lines to stdout.
+    process_index: this JAX process; other processes than 0 get no observers.
+
+  Returns:
+    New observers (build them per trial; each opens its files in ``on_start``).
+  """
+  if process_index != 0:
+    return ()
+  out: list[TrialObserver] = []
+  if tensorboard:
+    from batchbench.store.tensorboard import TensorBoardObserver  # pylint: disable=g-import-not-at-top
+    out.append(TensorBoardObserver(workdir))
+  if mllog or mllog_stdout:
+    import sys  # pylint: disable=g-import-not-at-top
+
+    from batchbench.store.mllog import MLLogObserver  # pylint: disable=g-import-not-at-top
+    out.append(MLLogObserver(workdir, stream=sys.stdout if mllog_stdout else None,
+                             write_file=mllog))
+  return tuple(out)

@@ -143,6 +143,9 @@ class RunOptions:
   config_path: str | None = None  # imported by workers so its workloads register there
   fallback_to_previous_checkpoint: bool = False
   compilation_cache_dir: str | None = None  # workers' JAX persistent cache
+  tensorboard: bool = False  # TensorBoard event files per trial
+  mllog: bool = False  # :::MLLOG lines per trial
+  profile_steps: int = 0  # jax.profiler trace of this many steady-state steps per trial
 
 
 class InProcess:
@@ -157,9 +160,14 @@ class InProcess:
     return throughput.ensure_point(spec, workdir, cache=self.cache, log=log)
 
   def trial(self, spec, workdir, log, options, watch, point):
+    from batchbench.runs import observe  # pylint: disable=g-import-not-at-top
     from batchbench.runs.trial import run_trial  # pylint: disable=g-import-not-at-top
+    observers = observe.observers_for(workdir, tensorboard=options.tensorboard,
+                                      mllog=options.mllog,
+                                      process_index=jax_process_index())
     return run_trial(spec, log=log, workdir=trial_dir(workdir, spec), preemption=watch,
-                     cache=self.cache, point=point,
+                     cache=self.cache, point=point, observers=observers,
+                     profile_steps=options.profile_steps,
                      fallback_to_previous_checkpoint=options.fallback_to_previous_checkpoint)
 
 
@@ -173,7 +181,7 @@ class LRSearch:
   max_extensions: int = 3
 
 
-LR_SEARCH_FILE = "lr_search.jsonl"
+LR_SEARCH_FILE = results.LR_SEARCH_FILE
 
 
 def plan(config: ml_collections.ConfigDict,

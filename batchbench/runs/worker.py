@@ -62,8 +62,14 @@ def main(job_path: str, out_path: str) -> int:
     if job["kind"] == "point":
       row = throughput.measure(spec, log=log)
     else:
+      from batchbench.runs import observe  # pylint: disable=g-import-not-at-top
+      import jax  # pylint: disable=g-import-not-at-top
+      observers = observe.observers_for(job["workdir"], tensorboard=job["tensorboard"],
+                                        mllog=job["mllog"],
+                                        process_index=jax.process_index())
       row = trial.run_trial(spec, log=log, workdir=job["trial_dir"], point=job.get("point"),
-                            fallback_to_previous_checkpoint=job["fallback"])
+                            fallback_to_previous_checkpoint=job["fallback"],
+                            observers=observers, profile_steps=job["profile_steps"])
   except checkpoint.Preempted as e:
     print(f"batchbench: {e}", file=sys.stderr, flush=True)
     if e.row is not None:
@@ -100,7 +106,10 @@ class Subprocess:
     start = time.perf_counter()
     row, error = self._run({"kind": "trial", "trial_dir": trial_dir(workdir, spec),
                             "fallback": options.fallback_to_previous_checkpoint,
-                            "point": point}, spec, workdir, options, watch, log)
+                            "point": point, "workdir": workdir,
+                            "tensorboard": options.tensorboard, "mllog": options.mllog,
+                            "profile_steps": options.profile_steps},
+                           spec, workdir, options, watch, log)
     if error:
       log(f"  !! {error}")
       return error_row(spec, error, time.perf_counter() - start)

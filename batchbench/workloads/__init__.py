@@ -1,6 +1,7 @@
 """Workload registry; importing it registers the built-in workloads."""
 
 from batchbench.workloads import builtin  # noqa: F401  (registers built-ins)
+from batchbench.workloads import diffusion  # noqa: F401  (registers digits_ddpm)
 from batchbench.workloads.base import (Batch, LossOutput, Metric, Target, Workload,
                                        get_workload, register_workload, workload_names,
                                        workload_options)
