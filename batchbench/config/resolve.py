@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
+
 import ml_collections
 
 from batchbench import version
@@ -32,11 +34,17 @@ NO_TARGET = "none"
 # evals, budgets and checkpoints fall on any step.
 AUTO_EXAMPLES_PER_CALL = 65_536
 MAX_AUTO_STEPS_PER_CALL = 64
+# Host data crosses to the devices with every call: a call carries at most this much.
+MAX_HOST_BYTES_PER_CALL = 64 * 2**20
 
 
-def auto_steps_per_call(global_batch: int) -> int:
-  """Steps per call for about ``AUTO_EXAMPLES_PER_CALL`` examples, 1..64."""
-  return max(1, min(MAX_AUTO_STEPS_PER_CALL, AUTO_EXAMPLES_PER_CALL // global_batch))
+def auto_steps_per_call(global_batch: int, example_bytes: int | None = None) -> int:
+  """Steps per call for about ``AUTO_EXAMPLES_PER_CALL`` examples, 1..64; for host data
+  (``example_bytes`` given) also at most ``MAX_HOST_BYTES_PER_CALL`` of input per call."""
+  k = max(1, min(MAX_AUTO_STEPS_PER_CALL, AUTO_EXAMPLES_PER_CALL // global_batch))
+  if example_bytes:
+    k = max(1, min(k, MAX_HOST_BYTES_PER_CALL // (example_bytes * global_batch)))
+  return k
 
 
 def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> TrialSpec:
@@ -71,9 +79,13 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
           f"must be divisible by data-parallel devices x accum_steps = {num_devices} x "
           f"{accum_steps} = {num_devices * accum_steps}")
   train_size = workload.train_size
-  if train_size is None and not workload.synthetic:
+  if train_size is None and workload.source == "embedded":
     # The workload did not declare its size (train_size is optional): load it to learn it.
     train_size = workload.data().num_train
+  elif train_size is None and workload.source == "host":
+    # Opening the sources checks that the dataset is prepared (a ConfigError naming the
+    # data_dir and the command that prepares it), before anything is compiled.
+    train_size = workload.host_data().num_train
   if train_size is not None:
     require(global_batch <= train_size, "global_batch", global_batch,
             f"must be at most the {train_size}-example training set of {c.workload}")
@@ -119,7 +131,10 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
   if workload.synthetic:
     require(max_steps or c.max_seconds, "max_steps", max_steps,
             f"{c.workload} is synthetic (no data to count examples of): set max_steps")
-  steps_per_call = c.steps_per_call or auto_steps_per_call(global_batch)
+  example_bytes = (sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+                       for x in workload.example_spec.values())
+                   if workload.source == "host" else None)
+  steps_per_call = c.steps_per_call or auto_steps_per_call(global_batch, example_bytes)
 
   budget_steps = None
   if max_examples:

@@ -16,6 +16,7 @@ accepts the shapes it was built for.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from batchbench.core.mesh import batch_sharding, make_mesh, replicated
 from batchbench.core.state import TrainState
 from batchbench.data import feed as feed_lib
 from batchbench.data import placement
+from batchbench.data.arrays import MASK
 from batchbench.measure.flops import cost_flops
 from batchbench.measure.memory import compiled_memory
 from batchbench.workloads import Workload, get_workload
@@ -43,6 +45,9 @@ from batchbench.workloads import Workload, get_workload
 # programs with collectives deadlocked XLA:CPU's rendezvous (8 fake devices, 2 cores,
 # ~500 calls in flight: threads waiting in later calls' all-reduces starved earlier ones).
 MAX_IN_FLIGHT = 4
+# Host data's test set is streamed in chunks of at most this many examples and bytes.
+HOST_EVAL_CHUNK = 1024
+HOST_EVAL_BYTES = 64 * 2**20
 
 
 @dataclasses.dataclass
@@ -131,19 +136,49 @@ class Program:
   # The eval call does not depend on the batch: programs of one workload and mesh may
   # share this one-element holder (ProgramCache does), so it is compiled once.
   eval_slot: list = dataclasses.field(default_factory=lambda: [None])
+  _host: Any = None  # the workload's HostData, once opened
 
   @property
   def eval(self) -> CompiledCall | None:
-    """The eval call, compiled on first use; None without eval data."""
-    if self.eval_slot[0] is None and self.eval_data is not None:
+    """The eval call, compiled on first use; None without eval data. For host data it
+    is the forward call of one streamed chunk (``host_eval_chunk`` examples)."""
+    if self.eval_slot[0] is None and (self.eval_data is not None
+                                      or self.workload.source == "host"):
       repl = replicated(self.mesh)
       state = self.abstract_state()
       traces: list[int] = []
-      self.eval_slot[0] = aot(steps.make_eval_call(self.workload, traces),
-                              (state.params, state.model_state, _abstract(self.eval_data)),
-                              (repl, repl, batch_sharding(self.mesh, leading=1)), repl,
-                              traces)
+      if self.workload.source == "host":
+        sharding = batch_sharding(self.mesh)
+        chunk = self.host_eval_chunk
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+                 for k, v in self.workload.batch_spec(chunk).items()}
+        batch[MASK] = jax.ShapeDtypeStruct((chunk,), jnp.float32, sharding=sharding)
+        self.eval_slot[0] = aot(steps.make_forward_call(self.workload, traces),
+                                (state.params, state.model_state, batch),
+                                (repl, repl, sharding), repl, traces)
+      else:
+        self.eval_slot[0] = aot(steps.make_eval_call(self.workload, traces),
+                                (state.params, state.model_state,
+                                 _abstract(self.eval_data)),
+                                (repl, repl, batch_sharding(self.mesh, leading=1)), repl,
+                                traces)
     return self.eval_slot[0]
+
+  @property
+  def can_evaluate(self) -> bool:
+    """Whether the workload has test data (embedded or host) or its own evaluate."""
+    return (self.eval_data is not None or self.workload.source == "host"
+            or self.workload.evaluate is not None)
+
+  @property
+  def host_eval_chunk(self) -> int:
+    """Host data: examples per streamed eval chunk, a multiple of the devices, at most
+    ``HOST_EVAL_CHUNK`` examples and ``HOST_EVAL_BYTES`` of input."""
+    devices = self.mesh.devices.size
+    example = sum(math.prod(s.shape) * s.dtype.itemsize
+                  for s in self.workload.example_spec.values())
+    per_device = max(1, min(HOST_EVAL_CHUNK, HOST_EVAL_BYTES // max(1, example)) // devices)
+    return per_device * devices
 
   def init_state(self, seed: int, lr: float) -> TrainState:
     """The initial state for ``seed`` with peak learning rate ``lr``, replicated.
@@ -163,15 +198,38 @@ class Program:
     return _abstract(shapes, replicated(self.mesh))
 
   def run(self, state: TrainState, feed: Any, num_steps: int | None = None):
-    """One train call of ``num_steps`` steps (default K) on the host ``feed`` array;
-    returns ``(state, metrics)`` with the metrics still on the device (K entries)."""
+    """One train call of ``num_steps`` steps (default K) on the host ``feed``; returns
+    ``(state, metrics)`` with the metrics still on the device (K entries).
+
+    Indices and keys are host arrays every process holds whole (the compiled call
+    places them); host batches are this process's slice, assembled into global arrays.
+    """
     n = self.steps_per_call if num_steps is None else num_steps
+    if self.workload.source == "host":
+      sharding = batch_sharding(self.mesh, leading=2)
+      feed = {name: jax.make_array_from_process_local_data(sharding, a)
+              for name, a in feed.items()}
     return self.train(state, self.data, feed, np.int32(n))
 
-  def feed(self, seed: int) -> feed_lib.LookaheadFeed:
-    """``feed(first_step, num_steps=None)``: a call's inputs as a host array of K rows
-    (a pure function of the steps)."""
+  def host_data(self) -> Any:
+    """The workload's ``HostData``, opened once per program."""
+    if self._host is None:
+      self._host = self.workload.host_data()
+    return self._host
+
+  def feed(self, seed: int) -> Any:
+    """``feed(first_step, num_steps=None)``: a call's inputs, K rows (a pure function of
+    the steps): indices, keys, or (host data) this process's slice of the batches read
+    through the host pipeline, with ``prefetch`` building the next call's ahead."""
     k, accum = self.steps_per_call, self.spec.accum_steps
+    if self.workload.source == "host":
+      from batchbench.data.host import HostFeed  # pylint: disable=g-import-not-at-top
+      host = self.host_data()
+      return HostFeed(host.train, num_train=host.num_train,
+                      global_batch=self.spec.global_batch, accum_steps=accum,
+                      steps_per_call=k, seed=seed, transform=host.transform,
+                      fields=host.fields, process_index=jax.process_index(),
+                      process_count=jax.process_count())
     if self.workload.synthetic:
       return feed_lib.LookaheadFeed(feed_lib.synthetic_keys(k, accum))
     return feed_lib.LookaheadFeed(feed_lib.EpochIndexFeeder(
@@ -185,12 +243,40 @@ class Program:
         return None
       return {k: float(v) for k, v in self.workload.evaluate(state.params,
                                                              state.model_state).items()}
+    if self.workload.source == "host":
+      return self._evaluate_host(state, split)
     data = self.eval_data if split == "test" else self.train_eval_data
     if data is None:
       return None
     sums = jax.device_get(self.eval(state.params, state.model_state, data))
     count = float(sums["count"])
     return {name: float(v) / count for name, v in sums.items() if name != "count"}
+
+
+  def _evaluate_host(self, state: TrainState, split: str) -> dict[str, float] | None:
+    """Streams the test set (or the train subset as large as it, ``split="train"``)
+    from the host pipeline in chunks through the compiled forward call, summing each
+    metric on the host."""
+    from batchbench.data.host import eval_batches  # pylint: disable=g-import-not-at-top
+    host = self.host_data()
+    num_test = len(host.test)
+    if split == "train" and host.num_train < num_test:
+      return None
+    forward = self.eval
+    sharding = batch_sharding(self.mesh)
+    total: dict[str, float] = {}
+    for arrays, mask in eval_batches(host.test if split == "test" else host.train,
+                                     host.transform, chunk=self.host_eval_chunk,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count(), fields=host.fields,
+                                     limit=num_test):
+      batch = {k: jax.make_array_from_process_local_data(sharding, a)
+               for k, a in {**arrays, MASK: mask}.items()}
+      sums = jax.device_get(forward(state.params, state.model_state, batch))
+      for name, value in sums.items():
+        total[name] = total.get(name, 0.0) + float(value)
+    count = total.pop("count")
+    return {name: value / count for name, value in total.items()}
 
 
 def _host_init(workload: Workload, tx, seed: int, lr: float) -> TrainState:
@@ -201,7 +287,12 @@ def _host_init(workload: Workload, tx, seed: int, lr: float) -> TrainState:
                     opt_state=opt_state, rng=data_key)
 
 
-def _feed_spec(workload: Workload, spec: TrialSpec, k: int, mesh: Mesh) -> jax.ShapeDtypeStruct:
+def _feed_spec(workload: Workload, spec: TrialSpec, k: int, mesh: Mesh) -> Any:
+  if workload.source == "host":
+    sharding = batch_sharding(mesh, leading=2)
+    return {name: jax.ShapeDtypeStruct((k, spec.accum_steps, *s.shape), s.dtype,
+                                       sharding=sharding)
+            for name, s in workload.batch_spec(spec.micro_batch).items()}
   if workload.synthetic:
     return jax.ShapeDtypeStruct((k, spec.accum_steps), jnp.int32, sharding=replicated(mesh))
   return jax.ShapeDtypeStruct((k, spec.accum_steps, spec.micro_batch), jnp.int32,
@@ -255,8 +346,8 @@ def build(spec: TrialSpec, *, mesh: Mesh | None = None, abstract: bool = False,
   tx = optim.make_optimizer(spec)
   shapes = jax.eval_shape(lambda: _host_init(workload, tx, 0, spec.lr))
   state = _abstract(shapes, replicated(mesh))
-  if workload.synthetic:
-    data, eval_data = {}, None
+  if workload.source != "embedded":
+    data, eval_data = {}, None  # synthetic: drawn on device; host: read per call
   elif data is None or (eval_data is None and not abstract):
     arrays = arrays if arrays is not None else workload.data()
     if data is None:
@@ -275,7 +366,8 @@ def build(spec: TrialSpec, *, mesh: Mesh | None = None, abstract: bool = False,
                                     gns=spec.gns_source, gns_groups=spec.gns_groups,
                                     traces=traces),
               (state, _abstract(data, repl), feed, num_steps),
-              (repl, repl, feed.sharding, repl), repl, traces, donate=(0,))
+              (repl, repl, jax.tree.map(lambda f: f.sharding, feed), repl), repl, traces,
+              donate=(0,))
   step_flops = flops_per_step(workload, spec, tx, shapes, data) if flops else None
   return Program(spec=spec, steps_per_call=k, workload=workload, mesh=mesh, tx=tx,
                  train=train, data=data, eval_data=None if abstract else eval_data,

@@ -67,10 +67,21 @@ def micro_batches(workload: Workload, mesh: Mesh, micro_batch: int):
   ``prepare(data, feed, rng)`` runs once per call and returns what ``get(prepared,
   micro_feed) -> batch`` reads: the device-resident training set, or a pool of
   synthetic micro-batches drawn from the call's first key. ``micro_feed`` is the
-  micro-batch's example indices (embedded data) or its integer key (synthetic).
+  micro-batch's example indices (embedded data), its integer key (synthetic), or the
+  micro-batch itself (host data, read by the host pipeline).
   """
   sharding = batch_sharding(mesh)
-  if workload.synthetic:
+  if workload.source == "host":
+    def prepare(data, feed, rng):
+      del data, rng
+      return None
+
+    def get(prepared, micro_batch_arrays):
+      del prepared
+      batch = dict(micro_batch_arrays)
+      batch[MASK] = jnp.ones((micro_batch,), jnp.float32)
+      return _constrain(batch, sharding)
+  elif workload.synthetic:
     def prepare(data, feed, rng):
       del data
       pool = workload.synthetic_batch(jax.random.fold_in(rng, feed[0, 0]),
@@ -102,10 +113,11 @@ def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransforma
                     traces: list[int] | None = None):
   """The un-jitted train call ``(state, data, feed, num_steps) -> (state, metrics)``.
 
-  ``feed`` is ``(K, accum, micro_batch)`` example indices for an embedded dataset, or
-  ``(K, accum)`` integer keys for synthetic inputs; only its first ``num_steps`` rows
-  are read. ``metrics`` are per-step arrays of length K (rows past ``num_steps`` are
-  0): ``loss``, and with ``gns`` the squared gradient norms ``grad_sq_small`` (mean
+  ``feed`` is ``(K, accum, micro_batch)`` example indices for an embedded dataset,
+  ``(K, accum)`` integer keys for synthetic inputs, or a dict of ``(K, accum,
+  micro_batch, ...)`` arrays for host data; only its first ``num_steps`` rows are read.
+  ``metrics`` are per-step arrays of length K (rows past ``num_steps`` are 0): ``loss``,
+  and with ``gns`` the squared gradient norms ``grad_sq_small`` (mean
   over groups or micro-batches) and ``grad_sq_big`` (the step's gradient).
   ``traces`` gets an entry each time the body is traced (once for a good program).
   """
@@ -151,7 +163,7 @@ def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransforma
               model_state, sq_small + group_sq), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    accum = step_feed.shape[0]
+    accum = jax.tree.leaves(step_feed)[0].shape[0]
     (grads, loss_sum, count, model_state, sq_small), _ = jax.lax.scan(
         accumulate, (zeros, 0.0, 0.0, state.model_state, 0.0),
         (jnp.arange(accum), step_feed))
@@ -170,13 +182,14 @@ def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransforma
     if traces is not None:
       traces.append(1)
     prepared = prepare(data, feed, state.rng)
-    k = feed.shape[0]
-    shapes = jax.eval_shape(lambda s: train_step(s, prepared, feed[0])[1], state)
+    k = jax.tree.leaves(feed)[0].shape[0]
+    row = lambda i: jax.tree.map(lambda a: a[i], feed)  # step i's feed
+    shapes = jax.eval_shape(lambda s: train_step(s, prepared, row(0))[1], state)
     buffers = jax.tree.map(lambda s: jnp.zeros((k, *s.shape), s.dtype), shapes)
 
     def body(i, carry):
       state, buffers = carry
-      state, metrics = train_step(state, prepared, feed[i])
+      state, metrics = train_step(state, prepared, row(i))
       return state, jax.tree.map(lambda b, m: b.at[i].set(m), buffers, metrics)
 
     return jax.lax.fori_loop(0, num_steps, body, (state, buffers))

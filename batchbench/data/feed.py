@@ -109,3 +109,13 @@ class LookaheadFeed:
 
   def prefetch(self, first_step: int, num_steps: int | None = None) -> None:
     self._ahead = ((first_step, num_steps), self._feed(first_step, num_steps))
+
+  def close(self) -> None:
+    """Nothing to stop (``HostFeed.close`` stops its threads)."""
+    self._ahead = None
+
+  def __enter__(self) -> LookaheadFeed:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -88,6 +88,24 @@ def open_source(name: str, split: str, data_dir: str | None = None) -> Sequence[
                       ) from None
 
 
+class ArraySource:
+  """An in-memory random-access source: ``[i]`` is ``{name: arrays[name][i]}``.
+
+  Puts a small dataset (``ArrayData.train``) behind the host pipeline, so the host
+  path can be run, tested and compared with the on-device one offline.
+  """
+
+  def __init__(self, arrays: Mapping[str, np.ndarray]):
+    self._arrays = dict(arrays)
+    self._len = len(next(iter(self._arrays.values())))
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    return {name: a[i] for name, a in self._arrays.items()}
+
+
 def _one_line(e: BaseException) -> str:
   return " ".join(str(e).split())
 
@@ -226,9 +244,10 @@ class HostFeed:
 
 def eval_batches(source: Sequence[Any], transform: Transform | None, *, chunk: int,
                  process_index: int = 0, process_count: int = 1,
-                 fields: Mapping[str, str] | None = None,
-                 num_threads: int = 8) -> Iterator[tuple[Arrays, np.ndarray]]:
-  """The whole of ``source`` in order, in chunks of ``chunk`` examples, this process's part.
+                 fields: Mapping[str, str] | None = None, num_threads: int = 8,
+                 limit: int | None = None) -> Iterator[tuple[Arrays, np.ndarray]]:
+  """The whole of ``source`` (or its first ``limit`` examples) in order, in chunks of
+  ``chunk`` examples, this process's part.
 
   Each chunk is split like a micro-batch: process ``p`` takes its contiguous slice of
   ``chunk // process_count``. The last chunk is padded to full size: padding rows repeat
@@ -241,7 +260,7 @@ def eval_batches(source: Sequence[Any], transform: Transform | None, *, chunk: i
   require(chunk % process_count == 0, "chunk", chunk,
           f"must be a multiple of process_count={process_count}")
   local = chunk // process_count
-  total = len(source)
+  total = len(source) if limit is None else min(limit, len(source))
   examples = _examples(source, transform, fields)
 
   def read(pool: futures.ThreadPoolExecutor, c: int) -> tuple[Arrays, np.ndarray]:

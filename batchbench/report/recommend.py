@@ -4,8 +4,9 @@ The recommendation names the batch that reaches the target soonest on this
 machine: its steps to target (median over seeds) x its measured step time (the
 throughput phase). Warnings flag what limits that answer: diverged trials,
 batches that missed the target at every LR, an optimum at the edge of the LR
-grid, a throughput plateau, throughput figures from too few windows, failed
-trials, and rows measured by different code versions.
+grid, a throughput plateau, throughput figures from too few windows, an input
+pipeline that holds the device back, failed trials, and rows measured by different
+code versions.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ Row = dict[str, Any]
 # runs at least this much faster.
 PLATEAU_GAIN = 1.10
 MIN_TRUSTED_WINDOWS = 3
+# Above this fraction of training time spent waiting for input, the report says the
+# input pipeline is the bottleneck.
+INPUT_BOUND = 0.05
 
 
 def target_text(target: dict[str, Any] | None) -> str:
@@ -43,6 +47,26 @@ def plateau(best: list[Row]) -> tuple[int, float, list[int]] | None:
     if beyond and all(s < PLATEAU_GAIN * sps for _, s in beyond):
       return batch, sps, [b for b, _ in beyond]
   return None
+
+
+def input_bound(rows: list[Row], points: list[Row]) -> list[tuple[int, float, str]]:
+  """``(batch, fraction, what)`` for each batch whose loop waited for input more than
+  ``INPUT_BOUND`` of its training time: from the throughput phase's timed windows
+  where the batch has a point, else from its trials' time ledgers (summed)."""
+  found = {}
+  for batch, trials in group(rows, lambda r: r.get("global_batch")).items():
+    ledgers = [r.get("time_ledger") or {} for r in trials]
+    train = sum(x.get("train", 0.0) for x in ledgers)
+    if train > 0:
+      wait = sum(x.get("input_wait", 0.0) for x in ledgers)
+      found[batch] = (wait / train, f"{len(trials)} trial(s)' training time")
+  for p in points:
+    if p.get("input_wait_fraction") is not None:
+      found[p["global_batch"]] = (p["input_wait_fraction"],
+                                  f"the throughput phase's {p.get('timed_windows', 0)} "
+                                  "timed windows")
+  return [(b, f, what) for b, (f, what) in sorted(found.items(), key=lambda kv: kv[0] or -1)
+          if f > INPUT_BOUND]
 
 
 def warnings(rows: list[Row], best: list[Row], points: list[Row]) -> list[str]:
@@ -87,6 +111,13 @@ def warnings(rows: list[Row], best: list[Row], points: list[Row]) -> list[str]:
   if thin:
     out.append(f"Throughput at batch {', '.join(thin)} rests on fewer than "
                f"{MIN_TRUSTED_WINDOWS} timed windows (marked * in the table).")
+  waits = input_bound(rows, points)
+  if waits:
+    listed = "; ".join(f"batch {b}: {f:.0%} of {what}" for b, f, what in waits)
+    out.append(f"The input pipeline, not the device, limits the run: the loop waited for "
+               f"input more than {INPUT_BOUND:.0%} of its training time ({listed}). Raise "
+               "the pipeline's threads, move decoding or augmentation onto the device, or "
+               "read a prepared (pre-decoded) copy of the data.")
   missing = [str(b["global_batch"]) for b in best if not b.get("point")]
   if missing:
     out.append(f"No throughput point was measured for batch {', '.join(missing)}, so its "

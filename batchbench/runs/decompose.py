@@ -102,8 +102,14 @@ def one_update(program: Program) -> Any:
   seed's first batch (both independent of the split)."""
   spec = program.spec
   state = program.init_state(spec.seed, spec.lr)
-  new_state, _ = program.run(state, program.feed(spec.seed)(0, 1), 1)
+  new_state, _ = program.run(state, first_feed(program, spec.seed), 1)
   return jax.device_get(new_state.params)
+
+
+def first_feed(program: Program, seed: int) -> Any:
+  """The inputs of a call whose one step is the seed's first (the feed closed after)."""
+  with program.feed(seed) as feed:
+    return feed(0, 1)
 
 
 def float64_update(spec: TrialSpec) -> Any:
@@ -120,7 +126,8 @@ def float64_update(spec: TrialSpec) -> Any:
     data = jax.tree.map(widen, program.data)
     train = jax.jit(steps.make_train_call(program.workload, program.mesh, program.tx,
                                           micro_batch=one.micro_batch))
-    new_state, _ = train(state, data, program.feed(one.seed)(0, 1), np.int32(1))
+    feed = jax.tree.map(widen, first_feed(program, one.seed))  # host data: its arrays
+    new_state, _ = train(state, data, feed, np.int32(1))
     return jax.device_get(new_state.params)
 
 

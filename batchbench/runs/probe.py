@@ -249,7 +249,7 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str, *,
 
   mesh = make_mesh(base.num_devices)
   workload = get_workload(base.workload, dict(base.workload_options))
-  arrays = None if workload.synthetic else workload.data()
+  arrays = workload.data() if workload.source == "embedded" else None
   cache = {} if cache is None else cache
   points: dict[int, dict[str, Any]] = {}
   log(f"[probe {base.workload}] {base.num_devices} device(s) x accum {base.accum_steps}; "
@@ -326,9 +326,10 @@ def measure_device_peak(spec: TrialSpec, mesh, calls: int = 3,
     predicted), or None where the runtime reports no memory.
   """
   program = build(spec, mesh=mesh, flops=False)
-  state, feed = program.init_state(spec.seed, spec.lr), program.feed(spec.seed)
-  for i in range(calls):
-    state, metrics = program.run(state, feed(i * program.steps_per_call))
+  state = program.init_state(spec.seed, spec.lr)
+  with program.feed(spec.seed) as feed:
+    for i in range(calls):
+      state, metrics = program.run(state, feed(i * program.steps_per_call))
   jax.block_until_ready((state, metrics))
   peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in mesh.devices.flat]
   peaks = [int(p) for p in peaks if p is not None]

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 
 from batchbench.config import TrialSpec
-from batchbench.core.program import MAX_IN_FLIGHT, ProgramCache, build
+from batchbench.core.program import MAX_IN_FLIGHT, Program, ProgramCache, build
 from batchbench.measure.memory import PeakTracker
 from batchbench.measure.timing import Window, WindowTimer, window_stats
 from batchbench.store import results
@@ -59,8 +59,6 @@ def measure(spec: TrialSpec, *, cache: ProgramCache | None = None,
     The ``throughput.jsonl`` row.
   """
   log = log or (lambda _: None)
-  settings = spec.throughput_settings
-  k = spec.steps_per_call
   peak = PeakTracker(jax.local_devices()[:spec.num_devices])
   peak.start()
   start = time.perf_counter()
@@ -74,14 +72,27 @@ def measure(spec: TrialSpec, *, cache: ProgramCache | None = None,
     raise OverBudget(f"compiled peak {peak_bytes:,} bytes exceeds memory_budget_bytes "
                      f"{budget:,}: not measured")
   state = program.init_state(spec.seed, spec.lr)
-  feed = program.feed(spec.seed)
+  with program.feed(spec.seed) as feed:
+    return _measure(spec, program, state, feed, hit, obtain_s, peak, clock, on_window, log)
+
+
+def _measure(spec: TrialSpec, program: Program, state, feed, hit: bool, obtain_s: float,
+             peak: PeakTracker, clock: Callable[[], float],
+             on_window: Callable[[Window], None] | None, log: Log) -> dict[str, Any]:
+  """The throughput phase's calls and windows: its point row."""
+  settings = spec.throughput_settings
+  k = spec.steps_per_call
   step = 0
+  wait = [0.0]  # seconds the loop waited for inputs (host data), in timed windows
 
   def calls(state, n: int):
     nonlocal step
     outs = []
     for _ in range(n):
-      state, metrics = program.run(state, feed(step))
+      start = clock()
+      call_feed = feed(step)
+      wait[0] += clock() - start
+      state, metrics = program.run(state, call_feed)
       outs.append(metrics)
       if len(outs) > MAX_IN_FLIGHT:  # a bounded queue of calls (see MAX_IN_FLIGHT)
         jax.block_until_ready(outs[-MAX_IN_FLIGHT - 1])
@@ -98,6 +109,7 @@ def measure(spec: TrialSpec, *, cache: ProgramCache | None = None,
   calls_per_window = max(1, math.ceil(per_window / call_s))
   timer = WindowTimer(clock, warmup_windows=0)
   timed = 0.0
+  wait[0] = 0.0
   while (len(timer.windows) < settings["min_windows"] or timed < settings["min_seconds"]) \
       and timed < settings["max_seconds"]:
     timer.start()
@@ -121,6 +133,7 @@ def measure(spec: TrialSpec, *, cache: ProgramCache | None = None,
       "memory": {**program.train.memory, "device_peak_bytes": device_peak,
                  "device_peak_note": peak_note},
       "flops_per_step": program.flops_per_step,
+      "input_wait_s": wait[0], "input_wait_fraction": wait[0] / max(timed, 1e-12),
       "traces": len(program.train.traces),
       "provenance": provenance(), "measurement_version": spec.measurement_version,
       "time_utc": datetime.datetime.now(datetime.UTC).isoformat(),

@@ -150,7 +150,7 @@ class Trial:
         boundary (its ``row`` is set if the trial had just finished).
       checkpoint.CheckpointError: the trial directory cannot be used or written.
     """
-    spec, loop = self.spec, self.loop
+    spec = self.spec
     with self.ledger.measure("setup"):
       peak = PeakTracker(jax.local_devices()[:spec.num_devices])
       peak.start()
@@ -168,10 +168,20 @@ class Trial:
                       wall=self._wall(), error=f"compiled peak {compiled_peak} bytes > "
                       f"memory_budget_bytes {budget}", **compile_fields)
 
+    with self.ledger.measure("setup"):
+      feed = program.feed(spec.seed)
+    try:
+      return self._train(program, feed, got, compile_fields, peak)
+    finally:
+      feed.close()  # the host pipeline's threads
+
+  def _train(self, program: Program, feed, got: Obtained, compile_fields: dict[str, Any],
+             peak: PeakTracker) -> dict[str, Any]:
+    """The loop of ``run``, from the initial (or restored) state to the row."""
+    spec, loop = self.spec, self.loop
     resume = self.ckpt is not None and self.ckpt.latest_step is not None
     with self.ledger.measure("setup"):
       state = None if resume else program.init_state(spec.seed, spec.lr)
-      feed = program.feed(spec.seed)
     if resume:
       state = self._restore(program)
       loop = self.loop
@@ -190,7 +200,7 @@ class Trial:
       return bool(every) and not loop.to_target
     # Evaluates when the workload has test data or its own evaluate (the eval program is
     # compiled on first use, so a workload with its own never compiles it).
-    evaluate = program.eval_data is not None or program.workload.evaluate is not None
+    evaluate = program.can_evaluate
     last_log = self.clock()
     lr_at = lambda step: spec.lr * float(optim.schedule_shape(
         spec.warmup_steps, spec.schedule, spec.max_steps)(step))
@@ -235,7 +245,7 @@ class Trial:
         # The next call's inputs, while the device runs this one (a checkpoint that cuts
         # the next window's first call shorter only costs building them again).
         ahead = end if loop.step < end else window_end(loop.step)
-        if not spec.max_steps or loop.step < spec.max_steps:
+        if ahead > loop.step and (not spec.max_steps or loop.step < spec.max_steps):
           feed.prefetch(loop.step, min(k, ahead - loop.step))
         if self.watch.check(loop.step, n):
           preempted = True

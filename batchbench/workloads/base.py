@@ -94,6 +94,11 @@ class Workload:
       host (it may call jitted functions of its own), for metrics that are not sums over
       test batches (e.g. a Frechet distance of generated samples); None: ``eval_sums``
       over the test set.
+    host_data: ``() -> HostData``: a dataset read on the host per process (TFDS through
+      Grain, ``batchbench.data.host``) for data that does not fit on every device; the
+      third kind of source beside ``data`` (embedded) and ``synthetic_batch``.
+    flops_per_example: analytic training FLOPs per example (forward + backward, e.g.
+      3 x the forward matmul FLOPs), for MFU; None: XLA's count of the compiled step.
   """
 
   name: str
@@ -109,20 +114,49 @@ class Workload:
   synthetic_batch: Callable[[jax.Array, int], Batch] | None = None
   gather: Callable[[Mapping[str, jax.Array], jax.Array], Batch] | None = None
   evaluate: Callable[[PyTree, PyTree], dict[str, float]] | None = None
+  host_data: Callable[[], HostData] | None = None
+  flops_per_example: float | None = None
 
   def __post_init__(self):
-    if (self.data is None) == (self.synthetic_batch is None):
-      raise ValueError(f"workload {self.name!r}: give exactly one of data (embedded) or "
-                       "synthetic_batch (drawn on the device)")
+    sources = [x is not None for x in (self.data, self.synthetic_batch, self.host_data)]
+    if sum(sources) != 1:
+      raise ValueError(f"workload {self.name!r}: give exactly one of data (embedded), "
+                       "synthetic_batch (drawn on the device) or host_data (read on the "
+                       "host)")
 
   @property
   def synthetic(self) -> bool:
-    return self.data is None
+    return self.synthetic_batch is not None
+
+  @property
+  def source(self) -> str:
+    """``embedded``, ``synthetic`` or ``host``."""
+    return ("embedded" if self.data is not None else
+            "synthetic" if self.synthetic_batch is not None else "host")
 
   def batch_spec(self, n: int) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of a batch of ``n`` examples (without the mask)."""
     return {k: jax.ShapeDtypeStruct((n, *s.shape), s.dtype)
             for k, s in self.example_spec.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class HostData:
+  """A dataset read on the host: TFDS data sources and how an example becomes a batch row.
+
+  Attributes:
+    train, test: random-access sources (``batchbench.data.host.open_source``).
+    num_train: training examples (``len(train)``).
+    transform: example dict -> example dict of numpy arrays (decode, normalise), run in
+      the pipeline's threads; its output fields are the workload's ``example_spec``.
+    fields: source key -> batch key, selected before ``transform`` (None: all).
+  """
+
+  train: Any
+  test: Any
+  num_train: int
+  transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+  fields: Mapping[str, str] | None = None
 
 
 _REGISTRY: dict[str, Callable[..., Workload]] = {}
@@ -166,5 +200,6 @@ def get_workload(name: str, options: Mapping[str, Any] | None = None) -> Workloa
   return _REGISTRY[name](**options)
 
 
-__all__ = ["ArrayData", "Batch", "LossOutput", "Metric", "Target", "Workload", "get_workload",
+__all__ = ["ArrayData", "Batch", "HostData", "LossOutput", "Metric", "Target", "Workload",
+           "get_workload",
            "register_workload", "workload_names", "workload_options"]

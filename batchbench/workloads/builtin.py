@@ -3,22 +3,45 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
+from batchbench.config.errors import require
 from batchbench.data import embedded
+from batchbench.data.arrays import ArrayData
+from batchbench.data.host import ArraySource
 from batchbench.models import CNN, CNN1D, MLP
-from batchbench.workloads.base import Target, Workload, register_workload
+from batchbench.workloads.base import HostData, Target, Workload, register_workload
 from batchbench.workloads.classification import classification_workload
 
 DIGITS_TRAIN = 1437
 
 
+PIPELINES = ("device", "host")
+
+
 @register_workload("digits_mlp")
-def digits_mlp(hidden: tuple[int, ...] = (256, 256)) -> Workload:
-  """scikit-learn's bundled 8x8 digits, MLP 64-256-256-10. Needs no network."""
+def digits_mlp(hidden: tuple[int, ...] = (256, 256), pipeline: str = "device") -> Workload:
+  """scikit-learn's bundled 8x8 digits, MLP 64-256-256-10. Needs no network.
+
+  ``pipeline="device"`` keeps the dataset on every device (the default); ``"host"``
+  reads the same arrays through the host input pipeline (``batchbench.data.host``),
+  in the same order, to measure that pipeline's cost on a model that needs no data.
+  """
+  require(pipeline in PIPELINES, "workload_options.pipeline", pipeline,
+          f"must be one of {', '.join(PIPELINES)}")
+  data = functools.partial(embedded.digits, DIGITS_TRAIN)
   return classification_workload(
       "digits_mlp", model=MLP(hidden=tuple(hidden), num_classes=10), input_shape=(64,),
-      num_classes=10, data=functools.partial(embedded.digits, DIGITS_TRAIN),
+      num_classes=10, data=data if pipeline == "device" else None,
+      host_data=functools.partial(_host_arrays, data) if pipeline == "host" else None,
       train_size=DIGITS_TRAIN, target=Target("accuracy", 0.96), reference_batch=32)
+
+
+def _host_arrays(data: Callable[[], ArrayData]) -> HostData:
+  """An embedded dataset served by the host pipeline (``ArraySource``)."""
+  arrays = data()
+  return HostData(train=ArraySource(arrays.train), test=ArraySource(arrays.test),
+                  num_train=arrays.num_train)
 
 
 def _mnist1d(name, model, num_train, num_test, seed, cache_dir, target):

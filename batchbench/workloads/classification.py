@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from batchbench.data.arrays import MASK, ArrayData
-from batchbench.workloads.base import LossOutput, Metric, Target, Workload
+from batchbench.workloads.base import HostData, LossOutput, Metric, Target, Workload
 
 CLASSIFICATION_METRICS = {
     "accuracy": Metric(0.0, 1.0, "max"),
@@ -22,7 +22,8 @@ def classification_workload(name: str, *, model: nn.Module, input_shape: tuple[i
                             num_classes: int, data: Callable[[], ArrayData] | None,
                             train_size: int | None = None, target: Target | None = None,
                             reference_batch: int = 32, input_dtype=jnp.float32,
-                            train_flag: bool = False) -> Workload:
+                            train_flag: bool = False,
+                            host_data: Callable[[], HostData] | None = None) -> Workload:
   """Builds a softmax cross-entropy classification workload around a Flax module.
 
   Batches are ``{"inputs", "labels", "mask"}``. Variables other than ``params``
@@ -35,14 +36,17 @@ def classification_workload(name: str, *, model: nn.Module, input_shape: tuple[i
     model: a Flax linen module mapping a batch of inputs to logits.
     input_shape: shape of one example.
     num_classes: number of classes.
-    data: returns the dataset (``ArrayData.classification``); None for synthetic
-      inputs generated on the device (normal inputs, uniform labels).
+    data: returns the dataset (``ArrayData.classification``); None (and no
+      ``host_data``) for synthetic inputs generated on the device (normal inputs,
+      uniform labels).
     train_size: training-set size if known without loading ``data`` (used to
       validate batch sizes before anything runs).
     target: default target (metric ``accuracy`` or ``loss``), or None.
     reference_batch: batch at which the default learning rate was tuned.
     input_dtype: dtype of an input.
     train_flag: the module's ``__call__`` takes ``train: bool`` (BatchNorm, dropout).
+    host_data: instead of ``data``, a dataset read on the host per process
+      (``HostData`` whose transform yields ``inputs`` and ``labels``).
 
   Returns:
     The workload.
@@ -92,4 +96,6 @@ def classification_workload(name: str, *, model: nn.Module, input_shape: tuple[i
   return Workload(name=name, init=init, loss=loss, eval_sums=eval_sums,
                   metrics=CLASSIFICATION_METRICS, example_spec=example_spec, data=data,
                   train_size=train_size, target=target, reference_batch=reference_batch,
-                  synthetic_batch=None if data is not None else synthetic_batch)
+                  host_data=host_data,
+                  synthetic_batch=(None if data is not None or host_data is not None
+                                   else synthetic_batch))
