@@ -68,6 +68,13 @@ def default_config() -> ml_collections.ConfigDict:
   # (steps to target are recorded all the same), so final metrics compare at equal epochs.
   c.stop_at_target = True
   c.seed = 0
+  # The dtype of the model's activations and matmuls (workload option `dtype` of the
+  # workloads that take one); parameters and optimizer state stay float32. MFU is taken
+  # against the peak of this dtype.
+  c.compute_dtype = "float32"
+  # The device's peak dense TFLOP/s for MFU; None: batchbench's table for the device kind
+  # and compute_dtype (TPU v4/v5e/v5p/v6e, A100, H100, H200), no MFU where it has none.
+  c.peak_tflops = config_dict.placeholder(float)
   c.memory_budget_bytes = config_dict.placeholder(int)
   # Checkpoints (kept under <workdir>/trials/<trial_id>/): one every this many examples
   # (at the next call boundary) and at the end; None = only at the end and on SIGTERM.

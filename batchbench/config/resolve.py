@@ -12,16 +12,15 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
-
 import ml_collections
+import numpy as np
 
 from batchbench import version
 from batchbench.config import scaling
 from batchbench.config.errors import ConfigError, positive_int, require
 from batchbench.config.spec import TrialSpec
 from batchbench.workloads import base as workloads_base
-from batchbench.workloads import get_workload, workload_names
+from batchbench.workloads import get_workload, workload_names, workload_options
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEFAULT_SGD_MOMENTUM = 0.9
@@ -64,15 +63,20 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
   names = workload_names()
   require(c.workload in names, "workload", c.workload, f"known workloads: {', '.join(names)}")
   options = dict(c.workload_options) if c.workload_options is not None else {}
+  options = _compute_dtype(c, options)
+  require(c.peak_tflops is None or (isinstance(c.peak_tflops, (int, float))
+                                    and c.peak_tflops > 0), "peak_tflops", c.peak_tflops,
+          "must be a positive number (dense TFLOP/s per device), or unset for the table")
+  require(isinstance(c.num_devices, int) and 0 <= c.num_devices <= num_available_devices,
+          "num_devices", c.num_devices,
+          f"must be between 1 and the {num_available_devices} available devices (0 = all)")
+  num_devices = c.num_devices or num_available_devices
+  options = _batch_norm_groups(c.workload, options, num_devices)
   try:
     workload = get_workload(c.workload, options)
   except TypeError as e:
     raise ConfigError("workload_options", options, str(e)) from e
 
-  require(isinstance(c.num_devices, int) and 0 <= c.num_devices <= num_available_devices,
-          "num_devices", c.num_devices,
-          f"must be between 1 and the {num_available_devices} available devices (0 = all)")
-  num_devices = c.num_devices or num_available_devices
   global_batch = positive_int(c.global_batch, "global_batch")
   accum_steps = positive_int(c.accum_steps, "accum_steps")
   require(global_batch % (num_devices * accum_steps) == 0, "global_batch", global_batch,
@@ -163,7 +167,49 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
       memory_budget_bytes=c.memory_budget_bytes,
       checkpoint_every_examples=checkpoint_every_examples, gns_source=gns_source,
       gns_groups=gns_groups, gns_ema=float(c.gns.ema), gns_note=gns_note,
-      stop_at_target=c.stop_at_target)
+      stop_at_target=c.stop_at_target, compute_dtype=c.compute_dtype,
+      peak_tflops=None if c.peak_tflops is None else float(c.peak_tflops))
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def _batch_norm_groups(name: str, options: dict, num_devices: int) -> dict:
+  """The options with ``bn_groups`` = the trial's devices under ``bn_group="per_device"``.
+
+  Ghost batch norm computes its statistics per device shard of each micro-batch, so the
+  number of groups follows the split; an explicit ``bn_groups`` is kept.
+  """
+  if (options.get("bn_group") == "per_device" and "bn_groups" not in options
+      and "bn_groups" in workload_options(name)):
+    return {**options, "bn_groups": num_devices}
+  return options
+
+
+def batch_norm_group_size(spec: TrialSpec) -> int | None:
+  """Examples each BatchNorm statistic is computed over in ``spec``'s training step: the
+  micro-batch (``bn_group="global"``, synchronised across devices) or its per-device
+  shard (``"per_device"``); None for a workload without batch norm."""
+  if "bn_group" not in workload_options(spec.workload):
+    return None
+  options = dict(spec.workload_options)
+  groups = options.get("bn_groups", 1) if options.get("bn_group") == "per_device" else 1
+  return spec.global_batch // spec.accum_steps // groups
+
+
+def _compute_dtype(c, options: dict) -> dict:
+  """The workload options with ``compute_dtype`` as the workload's ``dtype`` option."""
+  require(c.compute_dtype in COMPUTE_DTYPES, "compute_dtype", c.compute_dtype,
+          f"must be one of {', '.join(COMPUTE_DTYPES)}")
+  require("dtype" not in options, "workload_options.dtype", options.get("dtype"),
+          "is set by compute_dtype; set compute_dtype instead")
+  if c.compute_dtype == "float32":
+    return options
+  takes = [n for n in workload_names() if "dtype" in workload_options(n)]
+  require(c.workload in takes, "compute_dtype", c.compute_dtype,
+          f"{c.workload} computes in float32 only; the workloads with a compute dtype are "
+          f"{', '.join(takes) or 'none'}")
+  return {**options, "dtype": c.compute_dtype}
 
 
 def _optimizer_options(c) -> tuple[float | None, float]:

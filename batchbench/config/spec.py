@@ -70,15 +70,17 @@ class TrialSpec:
   gns_ema: float = 0.95
   gns_note: str | None = None  # why the noise scale is not measured, when it is not
   stop_at_target: bool = True
+  compute_dtype: str = "float32"
+  peak_tflops: float | None = None  # the MFU denominator's override
 
   # Fields that change neither the result nor what is measured.
-  NOT_IDENTITY = ()
+  NOT_IDENTITY = ("peak_tflops",)
   # Fields that enter the compiled program as runtime values, or not at all.
   NOT_PROGRAM = ("base_lr", "reference_batch",
                  "lr_rule", "lr_multiplier", "lr", "warmup_examples", "eval_every_examples",
                  "eval_every_steps", "max_steps", "max_seconds", "target", "seed",
                  "memory_budget_bytes", "checkpoint_every_examples", "throughput", "gns_ema",
-                 "gns_note", "stop_at_target")
+                 "gns_note", "stop_at_target", "peak_tflops")
 
   @property
   def micro_batch(self) -> int:

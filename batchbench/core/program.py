@@ -35,6 +35,7 @@ from batchbench.core.state import TrainState
 from batchbench.data import feed as feed_lib
 from batchbench.data import placement
 from batchbench.data.arrays import MASK
+from batchbench.measure import mfu
 from batchbench.measure.flops import cost_flops
 from batchbench.measure.memory import compiled_memory
 from batchbench.workloads import Workload, get_workload
@@ -210,6 +211,18 @@ class Program:
       feed = {name: jax.make_array_from_process_local_data(sharding, a)
               for name, a in feed.items()}
     return self.train(state, self.data, feed, np.int32(n))
+
+  def utilization(self, samples_per_sec: float | None) -> dict[str, Any]:
+    """The row fields of model FLOPs per example (analytic, else XLA's count of this
+    program's step), TFLOP/s per device at ``samples_per_sec``, and MFU."""
+    flops, source = mfu.model_flops(self.workload.flops_per_example, self.flops_per_step,
+                                    self.spec.global_batch)
+    return mfu.utilization(flops_per_example=flops, flops_source=source,
+                           samples_per_sec=samples_per_sec,
+                           num_devices=self.spec.num_devices,
+                           device_kind=self.mesh.devices.flat[0].device_kind,
+                           compute_dtype=self.spec.compute_dtype,
+                           peak_override=self.spec.peak_tflops)
 
   def host_data(self) -> Any:
     """The workload's ``HostData``, opened once per program."""

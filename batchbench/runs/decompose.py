@@ -25,6 +25,14 @@ split (a dropped micro-batch, means of unequal micro-batches averaged) moves it 
 orders of magnitude more. Splits beyond the tolerance are flagged and never named
 fastest. Synthetic workloads draw inputs per micro-batch, so their splits see
 different examples and are not compared.
+
+BatchNorm makes a split part of the model: its statistics are computed over each
+micro-batch (``bn_group="global"``, synchronised across devices) or over each
+device's shard of it (``"per_device"``, ghost batch norm). A split whose statistics
+cover a different number of examples than the 1-device, no-accumulation split's
+computes a different update by design; it is reported as differing in BatchNorm
+statistics (``bn_examples`` beside the reference's), never as equivalent, and never
+named fastest.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import ml_collections
 import numpy as np
 
 from batchbench.config import TrialSpec, open_workdir, resolve
+from batchbench.config.resolve import batch_norm_group_size
 from batchbench.core.program import Program, ProgramCache, build
 from batchbench.fmt import format_bytes, format_table
 from batchbench.report.files import write_outputs
@@ -56,7 +65,7 @@ TRAIN_COLUMNS = ("num_devices", "per_device_batch", "accum_steps", "global_batch
                  "steps_per_call", "status", "samples_per_sec", "samples_per_sec_q25",
                  "samples_per_sec_q75", "step_time_ms", "timed_windows", "compile_s",
                  "peak_bytes", "temp_bytes", "argument_bytes", "error_vs_x64", "equivalent",
-                 "fastest")
+                 "bn_examples", "differs", "fastest")
 Log = Callable[[str], None]
 
 
@@ -184,6 +193,7 @@ def run_decompose(config: ml_collections.ConfigDict, workdir: str,
   rounding = (max(update_error(before, one_update(first), reference),
                   np.finfo(np.float32).eps * math.sqrt(batch)) if check else None)
   tolerance = ROUNDING_FACTOR * rounding if check else None
+  bn_reference = batch_norm_group_size(base)
   rows = []
   log(f"[decompose {base.workload} B={batch}] up to {limit} device(s); "
       + (f"tolerance {tolerance:.1e} (float32 rounding {rounding:.1e} x {ROUNDING_FACTOR:g})"
@@ -198,7 +208,8 @@ def run_decompose(config: ml_collections.ConfigDict, workdir: str,
            "steps_per_call": program.steps_per_call, "status": "ok",
            "compile_s": program.train.compile_s, "peak_bytes": m["peak_bytes"],
            "temp_bytes": m["temp_bytes"], "argument_bytes": m["argument_bytes"], "memory": m,
-           "error_vs_x64": None, "equivalent": None, "fastest": False}
+           "error_vs_x64": None, "equivalent": None, "fastest": False,
+           "bn_examples": batch_norm_group_size(spec), "differs": None}
     rows.append(row)
     if budget is not None and m["peak_bytes"] is not None and m["peak_bytes"] > budget:
       row["status"] = "over_budget"
@@ -207,6 +218,10 @@ def run_decompose(config: ml_collections.ConfigDict, workdir: str,
     if check:
       row["error_vs_x64"] = update_error(before, one_update(program), reference)
       row["equivalent"] = row["error_vs_x64"] <= tolerance
+    if row["bn_examples"] != bn_reference:
+      row["equivalent"] = False
+      row["differs"] = (f"BatchNorm statistics over {row['bn_examples']:,} examples, not "
+                        f"{bn_reference:,}")
     point = throughput.measure(spec, cache=cache)
     iqr = point["samples_per_sec_iqr"] or [None, None]
     row.update(samples_per_sec=point["samples_per_sec"], samples_per_sec_q25=iqr[0],
@@ -222,10 +237,13 @@ def run_decompose(config: ml_collections.ConfigDict, workdir: str,
             "max_devices": limit, "throughput_settings": base.throughput_settings,
             "budget_bytes": budget, "tolerance": tolerance, "rounding": rounding,
             "rounding_factor": ROUNDING_FACTOR, "equivalence_checked": check,
+            "bn_examples": bn_reference,
             "platform": jax.default_backend(),
             "device_kind": jax.local_devices()[0].device_kind, "rows": rows,
             "fastest": fastest,
-            "not_equivalent": [_label(r) for r in rows if r["equivalent"] is False]}
+            "not_equivalent": [_label(r) for r in rows
+                               if r["equivalent"] is False and not r["differs"]],
+            "differ_in_batch_norm": [_label(r) for r in rows if r["differs"]]}
   if jax.process_index() == 0:
     result["files"] = write_outputs(os.path.join(workdir, DECOMPOSE_DIR), "decompose", result,
                                     rows, TRAIN_COLUMNS, lambda fig: _plot_train(fig, result))
@@ -266,9 +284,14 @@ def format_decompose(result: dict[str, Any]) -> str:
         f"{r['step_time_ms']:.3g}" if ran else "-", f"{r['compile_s']:.2f}",
         format_bytes(r["peak_bytes"]),
         "-" if r["error_vs_x64"] is None else f"{r['error_vs_x64']:.1e}",
-        {True: "yes", False: "NO", None: "-"}[r["equivalent"]], r["status"],
+        "BN" if r.get("differs") else {True: "yes", False: "NO", None: "-"}[r["equivalent"]],
+        r["status"],
         "<- fastest" if r["fastest"] else ""))
   lines = [format_table(head, body)]
+  if result.get("differ_in_batch_norm"):
+    lines.append(f"differ in BatchNorm statistics (computed over a different number of "
+                 f"examples than the 1-device split's {result['bn_examples']:,}; a different "
+                 f"update by design, not compared): {', '.join(result['differ_in_batch_norm'])}")
   if not result["equivalence_checked"]:
     lines.append("equivalence not checked: synthetic inputs are drawn per micro-batch, so "
                  "splits see different examples")
@@ -277,8 +300,10 @@ def format_decompose(result: dict[str, Any]) -> str:
                  f"rounding allows, {result['tolerance']:.1e}): "
                  f"{', '.join(result['not_equivalent'])}")
   else:
-    lines.append(f"every split gives the float64 update within float32 rounding (largest "
-                 f"error {max(r['error_vs_x64'] or 0 for r in result['rows']):.1e}, tolerance "
+    compared = [r for r in result["rows"] if not r.get("differs")]
+    lines.append(f"{'every other' if result.get('differ_in_batch_norm') else 'every'} split "
+                 f"gives the float64 update within float32 rounding (largest error "
+                 f"{max(r['error_vs_x64'] or 0 for r in compared):.1e}, tolerance "
                  f"{result['tolerance']:.1e} = {ROUNDING_FACTOR:g} x the 1-device float32 "
                  f"error {result['rounding']:.1e})")
   f = result["fastest"]

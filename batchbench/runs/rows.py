@@ -37,6 +37,15 @@ memory                     XLA byte counts of the compiled train call (per devic
                            device_peak_bytes (the runtime's, for this trial only,
                            where knowable) with device_peak_note when it is not
 flops_per_step             XLA FLOPs of one optimizer step, all devices
+model_flops_per_example    training FLOPs of one example: the workload's analytic
+                           count, else flops_per_step / global_batch
+model_flops_source         analytic | xla
+tflops_per_sec_per_device  model FLOPs x samples/sec / devices, in TFLOP/s
+peak_tflops, peak_source   the device's dense peak for compute_dtype and where it came
+                           from (the table, or --config.peak_tflops)
+mfu                        tflops_per_sec_per_device / peak_tflops; None without a peak
+mfu_basis                  the rate it is taken at: throughput_point (the batch's
+                           throughput phase) or trial_loop (the trial's own windows)
 final_eval                 {metric: value} of the last eval (test set)
 final_train_eval           the same metrics on as many training examples (train-test gap)
 final_train_loss           mean train loss of the last step
@@ -129,7 +138,9 @@ def make_row(spec: TrialSpec, *, status: str, ledger: TimeLedger | None = None,
       "loop_step_time_ms": perf.get("step_time_ms"),
       "loop_timed_windows": perf.get("timed_windows", 0),
       "compile_s": None, "compile_cached": None, "program_compile_s": None,
-      "memory": None, "flops_per_step": None,
+      "memory": None, "flops_per_step": None, "model_flops_per_example": None,
+      "model_flops_source": None, "tflops_per_sec_per_device": None, "peak_tflops": None,
+      "peak_source": None, "mfu": None, "mfu_basis": None,
       "final_eval": history[-1]["metrics"] if history else None,
       "final_train_eval": history[-1].get("train_metrics") if history else None,
       "final_train_loss": None,

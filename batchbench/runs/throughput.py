@@ -133,6 +133,7 @@ def _measure(spec: TrialSpec, program: Program, state, feed, hit: bool, obtain_s
       "memory": {**program.train.memory, "device_peak_bytes": device_peak,
                  "device_peak_note": peak_note},
       "flops_per_step": program.flops_per_step,
+      **program.utilization(stats.get("samples_per_sec")),
       "input_wait_s": wait[0], "input_wait_fraction": wait[0] / max(timed, 1e-12),
       "traces": len(program.train.traces),
       "provenance": provenance(), "measurement_version": spec.measurement_version,

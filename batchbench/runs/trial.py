@@ -315,8 +315,15 @@ class Trial:
       with self.ledger.measure("checkpoint"):
         self.ckpt.wait()
     device_peak, peak_note = peak.stop()
+    perf = timer.summary()
+    # MFU at the throughput phase's rate (the batch's measured speed), else the loop's.
+    basis = "throughput_point" if self.point and self.point.get("samples_per_sec") else (
+        "trial_loop" if perf.get("samples_per_sec") else None)
+    rate = (self.point["samples_per_sec"] if basis == "throughput_point"
+            else perf.get("samples_per_sec"))
     row = make_row(
-        spec, status=loop.status, steps=loop.step, perf=timer.summary(),
+        spec, status=loop.status, steps=loop.step, perf=perf,
+        **program.utilization(rate), mfu_basis=basis,
         memory={**program.train.memory, "device_peak_bytes": device_peak,
                 "device_peak_note": peak_note},
         history=loop.history, ledger=self.ledger, wall=self._wall(),
