@@ -22,6 +22,8 @@ from collections.abc import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from batchbench.core import distributed  # defines the multi-process flags
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: configs/x.py:key=value,...",
     lock_config=True)
@@ -42,6 +44,11 @@ _MEMORY_BUDGET = flags.DEFINE_string(
     "over it are not run; trial, sweep: trials whose compiled peak exceeds it are recorded "
     "oom without training.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 2**16, "The largest global batch to compile.")
+_PROBE_TIME = flags.DEFINE_bool(
+    "probe_time", True, "probe: also run every batch that fits for a short timing (1 "
+    "warm-up call, 3+ windows, 0.5 s to 5 s of timed work) for samples/s, TFLOP/s per "
+    "device and MFU, and on GPU/TPU the answer's measured device peak; --noprobe_time "
+    "only compiles.")
 _GLOBAL_BATCH = flags.DEFINE_integer(
     "global_batch", None, "The global batch to split (default: the config's).")
 _MODE = flags.DEFINE_string(
@@ -103,6 +110,14 @@ _CHECKPOINT = flags.DEFINE_string(
 _SAVE_IMAGES = flags.DEFINE_bool(
     "save_images", False, "generate: write <workdir>/generate/images_b{size}.npy, the N "
     "images of each batch size.")
+_SHARD = flags.DEFINE_string(
+    "shard", None, "sweep: I/N runs slice I of N (0-based, I in 0..N-1, e.g. "
+    "${SLURM_ARRAY_TASK_ID}/N) of the trials, chosen by a hash of each trial's id; N "
+    "shards on one shared --workdir together run the whole sweep (see docs/shard.md).")
+_SHARD_TIMEOUT = flags.DEFINE_float(
+    "shard_timeout", 6 * 3600.0, "sweep --shard: seconds a shard waits for other shards' "
+    "rows (an LR-search round needs all of them) with no new row arriving before it gives "
+    "up with exit status 4; set it above the longest trial.")
 _DEADLINE = flags.DEFINE_float(
     "deadline", None, "fit, report, sweep: seconds of training; also recommend the batch "
     "with the fewest device-seconds that reaches the target within them.")
@@ -182,16 +197,28 @@ def _with_memory_budget(config):
   return config
 
 
-def _open_workdir(workdir: str | None, config) -> str:
-  """Creates and stamps the workdir (run_meta.json) once the config is valid."""
+def _open_workdir(workdir: str | None, config, shard=None, grid=(), warn: Log = print) -> str:
+  """Creates and stamps the workdir (run_meta.json) once the config is valid.
+
+  Of a split sweep (``shard``, with the trial ids of its ``grid``), shard 0 writes
+  run_meta.json and each shard its own ``shards/run_meta-I-of-N.json``; the workdir
+  must have file locks.
+  """
   import jax  # pylint: disable=g-import-not-at-top
 
   from batchbench.config import open_workdir  # pylint: disable=g-import-not-at-top
+  from batchbench.runs import shard as shard_lib  # pylint: disable=g-import-not-at-top
   from batchbench.store import meta  # pylint: disable=g-import-not-at-top
 
   workdir = open_workdir(workdir)
+  if shard is not None:
+    shard_lib.check_locks(workdir)
   if jax.process_index() == 0:
-    meta.write_run_meta(workdir, meta.run_metadata(config))
+    run_meta = meta.run_metadata(config)
+    if shard is None or shard.index == 0:
+      meta.write_run_meta(workdir, run_meta)
+    if shard is not None:
+      shard_lib.write_meta(workdir, shard, run_meta, grid, warn)
   return workdir
 
 
@@ -214,7 +241,7 @@ TRIAL_FIELDS = ("workload, workload_options", "global_batch, accum_steps, num_de
 @command("trial", "one training run at the config's global_batch: its throughput point, "
          "steps and time to target",
          flags_=("memory_budget", "compilation_cache_dir", "tensorboard", "mllog",
-                 "profile_steps"),
+                 "profile_steps", *distributed.DISTRIBUTED_FLAGS),
          fields=TRIAL_FIELDS,
          example="batchbench trial --config=configs/digits_mlp.py --workdir=/tmp/bb "
                  "--config.global_batch=128")
@@ -226,7 +253,7 @@ def _trial(config, workdir, log) -> int:
   from batchbench.runs import observe, sweep, throughput, trial  # pylint: disable=g-import-not-at-top
   from batchbench.store import results  # pylint: disable=g-import-not-at-top
 
-  spec = resolve(_with_memory_budget(config), jax.local_device_count())
+  spec = resolve(_with_memory_budget(config), jax.device_count())
   workdir = _open_workdir(workdir, config)
   _use_compilation_cache()
   cache = ProgramCache()
@@ -236,17 +263,20 @@ def _trial(config, workdir, log) -> int:
   row = trial.run_trial(spec, log=log, workdir=sweep.trial_dir(workdir, spec), cache=cache,
                         point=point, observers=observers, profile_steps=_profile_steps(),
                         fallback_to_previous_checkpoint=config.fallback_to_previous_checkpoint)
+  print(f"throughput: {throughput.format_rate(point)}, step {point['step_time_ms']:.3g} ms")
   if jax.process_index() == 0:
     results.append_row(workdir, row)
-  print(f"throughput: {throughput.format_rate(point)}, step {point['step_time_ms']:.3g} ms")
-  print(f"result appended to {os.path.join(workdir, results.RESULTS_FILE)}")
+    print(f"result appended to {os.path.join(workdir, results.RESULTS_FILE)}")
+  else:
+    print(f"process {jax.process_index()}: done; process 0 writes the result")
   return 0
 
 
 @command("sweep", "every (global batch x LR multiplier x seed) of the config's sweep section, "
          "each batch's throughput point, then the report",
          flags_=("isolation", "memory_budget", "compilation_cache_dir", "deadline",
-                 "tensorboard", "mllog", "profile_steps"),
+                 "tensorboard", "mllog", "profile_steps", "shard", "shard_timeout",
+                 *distributed.DISTRIBUTED_FLAGS),
          fields=("sweep.global_batches or sweep.batch_range", "sweep.lr_multipliers",
                  "sweep.seeds", "sweep.lr_search.enabled, sweep.lr_search.factor, "
                  "sweep.lr_search.max_extensions", "sweep.lr_rule, sweep.reference_batch, "
@@ -256,10 +286,14 @@ def _trial(config, workdir, log) -> int:
 def _sweep(config, workdir, log) -> int:
   import jax  # pylint: disable=g-import-not-at-top
 
+  from batchbench.runs import shard as shard_lib  # pylint: disable=g-import-not-at-top
   from batchbench.runs import sweep  # pylint: disable=g-import-not-at-top
 
-  specs, search = sweep.plan(_with_memory_budget(config), jax.local_device_count())
-  workdir = _open_workdir(workdir, config)
+  shard = _shard()
+  specs, search = sweep.plan(_with_memory_budget(config), jax.device_count())
+  _deadline()
+  workdir = _open_workdir(workdir, config, shard, [s.trial_id for s in specs],
+                          lambda s: print(s, file=sys.stderr, flush=True))
   cache_dir = _CACHE_DIR.value
   if _ISOLATION.value == "none":
     _use_compilation_cache()
@@ -268,11 +302,50 @@ def _sweep(config, workdir, log) -> int:
       fallback_to_previous_checkpoint=config.fallback_to_previous_checkpoint,
       tensorboard=_TENSORBOARD.value, mllog=_MLLOG.value, profile_steps=_profile_steps())
   summary = sweep.run_sweep(specs, workdir, isolation=_ISOLATION.value, log=log,
-                            options=options, search=search)
+                            options=options, search=search,
+                            shard=shard or shard_lib.UNSPLIT)
   counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["statuses"].items())) or "none"
-  print(f"sweep: {summary['ran']} trial(s) run ({counts}), {summary['skipped']} already done, "
-        f"{summary['points']} throughput point(s)")
-  return _write_report(workdir)
+  print(f"sweep{f' shard {shard.label}' if shard else ''}: {summary['ran']} trial(s) run "
+        f"({counts}), {summary['skipped']} already done, {summary['points']} throughput "
+        "point(s)")
+  if shard is None:
+    return _write_report(workdir)
+  return _shard_report(workdir, shard, summary["planned"])
+
+
+def _shard():
+  """``--shard`` as a ``runs.shard.Shard`` (None without it)."""
+  from batchbench.runs import shard as shard_lib  # pylint: disable=g-import-not-at-top
+  if _SHARD.value is None:
+    return None
+  return shard_lib.parse(_SHARD.value, _SHARD_TIMEOUT.value)
+
+
+def _shard_report(workdir: str, shard, planned: list[str]) -> int:
+  """The report once every trial of the sweep has a row, written by one shard only."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from batchbench.runs import shard as shard_lib  # pylint: disable=g-import-not-at-top
+
+  if jax.process_index() != 0:
+    shard_lib.barrier("report")  # process 0 writes it; all leave the job together
+    return 0
+  with shard_lib.report_lock(workdir):
+    state, missing = shard_lib.report_state(workdir, planned, _deadline())
+    if state == "due":
+      status = _write_report(workdir)
+      shard_lib.mark_reported(workdir, planned, _deadline())
+  shard_lib.barrier("report")
+  if state == "due":
+    return status
+  if state == "written":
+    print(f"shard {shard.label}: every trial has a row; another shard wrote the report: "
+          f"{os.path.join(workdir, 'report')}")
+  else:
+    print(f"shard {shard.label}: done; {missing} trial(s) of other shards have no row yet. "
+          "The last shard to finish writes the report; or, once all have finished, run: "
+          f"batchbench report --workdir={workdir}")
+  return 0
 
 
 def _profile_steps() -> int:
@@ -382,10 +455,14 @@ def _nightly(config, workdir, log) -> int:
                      alpha=_ALPHA.value, threshold=_THRESHOLD.value, log=log)
 
 
-@command("probe", "compile the train step at growing batches (no training): the largest "
-         "global batch that fits a memory budget", flags_=("memory_budget", "max_batch"),
-         fields=("workload, workload_options", "accum_steps, num_devices", "optimizer",
-                 "memory_budget_bytes"),
+@command("probe", "compile the train step at growing batches: the largest global batch "
+         "that fits a memory budget (with and without remat where the workload has it), "
+         "and samples/s, TFLOP/s and MFU of the batches that fit",
+         flags_=("memory_budget", "max_batch", "probe_time"),
+         fields=("workload, workload_options (a remat option is probed off and on)",
+                 "accum_steps, num_devices",
+                 "optimizer", "memory_budget_bytes", "compute_dtype, peak_tflops (MFU)",
+                 "throughput.min_seconds, throughput.max_seconds (capped at 0.5 s, 5 s)"),
          example="batchbench probe --config=configs/synthetic_cnn.py --workdir=/tmp/probe "
                  "--memory_budget=2GiB")
 def _probe(config, workdir, log) -> int:
@@ -394,10 +471,15 @@ def _probe(config, workdir, log) -> int:
 
   config = _require_config(config)
   result = probe.run_probe(config, workdir, memory_budget_bytes=_memory_budget_bytes(),
-                           max_batch=_MAX_BATCH.value, log=log)
-  answer = result["answer"]
+                           max_batch=_MAX_BATCH.value, measure=_PROBE_TIME.value, log=log)
+  answer, remat = result["answer"], result["remat"]
+  other = ""
+  if remat["available"]:
+    largest = remat["without" if remat["config_remat"] else "with"]["largest_batch"]
+    other = (f"; {'without' if remat['config_remat'] else 'with'} remat: "
+             + ("none fits" if largest is None else f"{largest:,}"))
   print(f"probe: largest global batch within {fmt.format_bytes(result['budget_bytes'])} "
-        f"per device: {answer['global_batch']:,} (limited by {answer['limited_by']}); "
+        f"per device: {answer['global_batch']:,} (limited by {answer['limited_by']}){other}; "
         f"files in {os.path.join(os.path.abspath(workdir), probe.PROBE_DIR)}")
   return 0
 
@@ -465,8 +547,9 @@ def main(argv) -> int:
   if not flags.FLAGS["verbosity"].present:  # Orbax and JAX log INFO lines by the dozen
     logging.set_verbosity(logging.WARNING)
   try:
+    distributed.initialize(log)
     return COMMANDS[args[0]].run(_CONFIG.value, _WORKDIR.value, log)
-  except ConfigError as e:
+  except (ConfigError, distributed.DistributedError) as e:
     return fail(str(e))
   except Exception as e:  # pylint: disable=broad-except
     from batchbench.store import checkpoint  # pylint: disable=g-import-not-at-top
@@ -476,6 +559,10 @@ def main(argv) -> int:
     if isinstance(e, checkpoint.CheckpointError):
       print(f"batchbench: error: {e}", file=sys.stderr)
       return checkpoint.CHECKPOINT_ERROR_EXIT_CODE
+    from batchbench.runs import shard  # pylint: disable=g-import-not-at-top
+    if isinstance(e, shard.ShardTimeout):
+      print(f"batchbench: error: {e}", file=sys.stderr)
+      return shard.TIMEOUT_EXIT_CODE
     raise
 
 

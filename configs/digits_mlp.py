@@ -3,17 +3,21 @@
   batchbench trial --config=configs/digits_mlp.py --workdir=/tmp/bb --config.global_batch=128
   batchbench sweep --config=configs/digits_mlp.py:batch=64 --workdir=/tmp/sweep
 
-Arg string keys: batch (global batch of a single trial), rule (none|linear|sqrt).
+Arg string keys: batch (global batch of a single trial), rule (none|linear|sqrt), pipeline
+(device: the dataset on every device, the default; host: the same batches read through the
+host input pipeline).
 """
 
 from batchbench.config import default_config, parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, batch=32, rule="linear")
+  arg = parse_arg(arg, batch=32, rule="linear", pipeline="device")
   c = default_config()
   c.workload = "digits_mlp"
   c.workload_options.hidden = (256, 256)
+  if arg.pipeline != "device":  # the default stays out of the trial ids
+    c.workload_options.pipeline = arg.pipeline
   c.global_batch = arg.batch
   c.optimizer = "sgd"  # momentum 0.9 (sgd's default here)
   c.base_lr = 0.05

@@ -28,6 +28,10 @@ def get_config(arg=None):
   c.workload_options.bn_group = arg.bn_group
   c.compute_dtype = arg.dtype
   c.global_batch = arg.batch
+  # One step per call, no loop: XLA on CPU runs convolution gradients inside a loop body
+  # about 15x slower (jax-ml/jax#12868, benchmarks/real_workloads.py); a ResNet step is
+  # long enough that per-step dispatch costs nothing on any device.
+  c.steps_per_call = 1
   c.optimizer = "sgd"  # momentum 0.9
   c.base_lr = 0.1
   c.reference_batch = 128

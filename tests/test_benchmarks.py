@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 import overhead  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import real_workloads  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import sweep_compile  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -76,3 +77,27 @@ def test_sweep_compile_benchmark_compiles_once_per_batch_and_keeps_results(capsy
   assert int(table["per_trial"][5]) == trials + 2
   assert int(table["per_batch"][5]) == 2
   assert "steps to target identical in all 6 trials: yes" in out
+
+
+def test_real_workloads_benchmark_runs_end_to_end(capsys):
+  assert real_workloads.main(["--tiny", "--quick", "--cases", "resnet18/host,lm/pysrc",
+                              "--resnet_batches", "8", "--lm_batches", "4",
+                              "--steps_per_call", "1", "--windows", "3"]) == 0
+  out = capsys.readouterr().out
+  rows = {line.split()[0]: line.split() for line in out.splitlines()
+          if line.startswith(("resnet18/", "lm/"))}
+  assert sorted(rows) == ["lm/pysrc", "resnet18/host"]
+  number = lambda text: float(text.replace(",", ""))
+  for row in rows.values():
+    harness, hand, paired, pairs = number(row[4]), number(row[6]), float(row[8]), int(row[9])
+    assert harness > 0 and hand > 0
+    assert 0.01 < paired < 100  # a ratio of two measured throughputs, not NaN or 0
+    assert pairs >= 3  # one hand window after each timed harness window (3 or more)
+    for wait in row[11:13]:
+      assert 0.0 <= float(wait.rstrip("%")) < 100.0
+  # tokens/s is samples/s x the LM's seq_len; the ResNet has none.
+  seq_len = real_workloads.TINY_SIZES["lm"]["seq_len"]
+  lm = rows["lm/pysrc"]
+  assert number(lm[5]) == pytest.approx(number(lm[4]) * seq_len, abs=seq_len)
+  assert rows["resnet18/host"][5] == "-"
+  assert "SUMMARY: harness / hand loop, paired" in out

@@ -136,7 +136,7 @@ def test_workdir_on_a_virtual_filesystem_exits_2_with_one_line(cli):
 
 def test_bad_config_file_argument_exits_2(cli):
   assert_usage_error(cli.runs["config_arg"], "config arg batchh='64'",
-                     "known args: batch, rule")
+                     "known args: batch, pipeline, rule")
 
 
 @pytest.mark.parametrize("case, field", [("typo", "global_bach"),
@@ -179,7 +179,9 @@ def test_sweep_help_lists_flags_config_fields_and_an_example(cli):
   named = [line.split(":", 1)[0] for line in flag_lines]
   assert set(named) == {"--config", "--workdir", "--quiet", "--isolation", "--memory_budget",
                         "--compilation_cache_dir", "--deadline", "--tensorboard", "--mllog",
-                        "--profile_steps"}
+                        "--profile_steps", "--shard", "--shard_timeout", "--coordinator_address",
+                        "--num_processes", "--process_id", "--initialization_timeout",
+                        "--peer_timeout"}
   for line in flag_lines:  # each with its help text
     assert len(line.split(":", 1)[1].strip()) > 10, line
   # Every config field it names exists, and the sweep's own fields are among them.

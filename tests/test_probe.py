@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from batchbench import fmt
 from batchbench.config import ConfigError
 from batchbench.core.mesh import make_mesh
 from batchbench.measure.memory import device_budget_bytes
+from batchbench.report import probe_text
 from batchbench.runs import probe
 
 
@@ -122,10 +124,12 @@ def test_fit_memory_recovers_a_line():
 
 @pytest.fixture(name="probed", scope="module")
 def fixture_probed(tmp_path_factory):
-  """One real probe on 8 devices between batches 256 and 512, its budget between them.
+  """One real compile-only probe on 8 devices between batches 256 and 512, its budget
+  between them.
 
   The first probe runs under a transfer guard that refuses every host-to-device copy,
-  with ``build`` watched: it must compile abstract programs and place nothing.
+  with ``build`` watched: without ``measure`` it must compile abstract programs and
+  place nothing.
   """
   workdir = str(tmp_path_factory.mktemp("probe"))
   config, cache, builds = tiny_config(), {}, []
@@ -139,14 +143,16 @@ def fixture_probed(tmp_path_factory):
   with pytest.MonkeyPatch.context() as patch, jax.transfer_guard("disallow_explicit"):
     patch.setattr(probe, "build", watched_build)
     first = probe.run_probe(config, workdir, memory_budget_bytes=2**30, max_batch=512,
-                            min_batch=256, cache=cache, log=None)
+                            min_batch=256, cache=cache, measure=False, log=None)
   new_arrays = [a for a in jax.live_arrays() if id(a) not in live_before]
   peaks = {p["global_batch"]: p["peak_bytes"] for p in first["points"]}
   budget = (peaks[256] + peaks[512]) // 2
+  lines = []
   result = probe.run_probe(config, workdir, memory_budget_bytes=budget, max_batch=512,
-                           min_batch=256, cache=cache, log=None)
+                           min_batch=256, cache=cache, measure=False, log=lines.append)
   return {"workdir": workdir, "first": first, "result": result, "budget": budget,
-          "cache": cache, "config": config, "builds": builds, "new_arrays": new_arrays}
+          "cache": cache, "config": config, "builds": builds, "new_arrays": new_arrays,
+          "lines": lines}
 
 
 def test_probe_compiles_abstract_programs_and_places_nothing(probed):
@@ -250,3 +256,210 @@ def test_measure_device_peak_runs_real_steps_but_reports_none_on_cpu():
   """The GPU/TPU comparison path runs its steps on CPU too; CPU reports no peak to compare."""
   spec = config_lib.resolve(probe.with_fields(tiny_config(), global_batch=16), 8)
   assert probe.measure_device_peak(spec, make_mesh(8), calls=2, log=None) is None
+
+
+# --- speed: TFLOP/s and MFU of the batches that fit -------------------------------------
+
+def speed_table(lines, points):
+  """The cells of the probe's speed table (one row per point that fits), by batch."""
+  start = next(i for i, line in enumerate(lines) if line.startswith("speed at the batches"))
+  header = lines[start + 1].split()
+  assert header[:2] == ["global_batch", "model"] and header[-2:] == ["TFLOP/s/dev", "MFU"]
+  rows = [re.split(r"\s{2,}", line.strip()) for line in lines[start + 2:start + 2 + len(points)]]
+  return {int(r[0].replace(",", "")): r for r in rows}
+
+
+def test_untimed_points_carry_flops_but_no_rate(probed):
+  points = probed["result"]["points"]
+  for p in points:
+    assert p["model_flops_source"] == "xla"  # digits_mlp has no analytic count
+    assert p["model_flops_per_example"] == pytest.approx(p["flops_per_step"] / p["global_batch"])
+    assert p["samples_per_sec"] is p["tflops_per_sec_per_device"] is p["mfu"] is None
+  notes = [line for line in probed["lines"] if line.startswith("MFU '-'")]
+  assert notes == ["MFU '-' at every batch: not timed (--noprobe_time)."]
+
+
+def timed_config(num_devices=2, **fields):
+  c = tiny_config()
+  c.num_devices = num_devices
+  c.throughput.min_seconds, c.throughput.max_seconds = 0.05, 0.5
+  c.update(fields)
+  return c
+
+
+@pytest.fixture(name="timed", scope="module")
+def fixture_timed(tmp_path_factory):
+  """A probe that times the batches that fit (64 and 128, on 2 devices), every compile
+  watched: timing must run the programs the probe compiled, not compile them again."""
+  from batchbench.core import program  # pylint: disable=g-import-not-at-top
+
+  workdir, lines, compiles = str(tmp_path_factory.mktemp("timed")), [], []
+  real_aot = program.aot
+
+  def watched_aot(fn, args, *rest, **kwargs):
+    compiles.append(fn)
+    return real_aot(fn, args, *rest, **kwargs)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(program, "aot", watched_aot)
+    result = probe.run_probe(timed_config(), workdir, memory_budget_bytes=2**30,
+                             min_batch=64, max_batch=128, log=lines.append)
+  return {"result": result, "lines": lines, "compiles": compiles, "workdir": workdir}
+
+
+def test_probe_times_each_batch_that_fits_on_the_program_it_compiled(timed):
+  result = timed["result"]
+  assert [p["global_batch"] for p in result["points"]] == [64, 128]
+  assert len(timed["compiles"]) == 2  # one compile per batch; timing reused them
+  assert result["timing"] == {"warmup_calls": 1, "min_windows": 3, "min_seconds": 0.05,
+                              "max_seconds": 0.5}  # the config's, under the probe's caps
+  for p in result["points"]:
+    assert p["fits"] and p["samples_per_sec"] > 0 and p["timed_windows"] >= 1
+    assert p["time_error"] is None
+    # The step time is the same windows' work: batch / rate, to the spread of the windows.
+    q25, q75 = p["samples_per_sec_iqr"]
+    assert q25 <= p["global_batch"] / (p["step_time_ms"] / 1e3) * 1.0001
+    assert p["global_batch"] / (p["step_time_ms"] / 1e3) <= q75 * 1.0001
+
+
+def test_probe_tflops_is_flops_times_rate_per_device_and_mfu_null_on_cpu(timed):
+  for p in timed["result"]["points"]:
+    assert p["model_flops_source"] == "xla"
+    assert p["model_flops_per_example"] == pytest.approx(p["flops_per_step"] / p["global_batch"])
+    assert p["tflops_per_sec_per_device"] == pytest.approx(
+        p["model_flops_per_example"] * p["samples_per_sec"] / 2 / 1e12, rel=1e-12)
+    assert p["mfu"] is None and p["peak_tflops"] is None
+    assert "no peak known for 'cpu'" in p["peak_source"]
+    assert "--config.peak_tflops" in p["peak_source"]
+  lines, points = timed["lines"], timed["result"]["points"]
+  cells = speed_table(lines, points)
+  for p in points:
+    assert cells[p["global_batch"]][-2] == fmt.number(p["tflops_per_sec_per_device"])
+    assert cells[p["global_batch"]][-1] == "-"
+  # One note line, carrying the peak_source note.
+  notes = [line for line in lines if line.startswith("MFU '-'")]
+  assert notes == [f"MFU '-' at every batch: {points[0]['peak_source']}."]
+  assert any(line.startswith("Model FLOPs per example: XLA's cost analysis") and
+             "Compute dtype: float32." in line for line in lines)
+  assert lines.count("remat is not available for workload digits_mlp (it takes no remat "
+                     "option)") == 1
+
+
+def test_probe_files_carry_the_speed_fields(timed):
+  out = os.path.join(timed["workdir"], "probe")
+  with open(os.path.join(out, "probe.json"), encoding="utf-8") as f:
+    saved = json.load(f)
+  with open(os.path.join(out, "probe.csv"), encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  for p, s, row in zip(timed["result"]["points"], saved["points"], rows, strict=True):
+    for key in ("model_flops_per_example", "model_flops_source", "samples_per_sec",
+                "tflops_per_sec_per_device", "peak_tflops", "peak_source", "mfu"):
+      assert s[key] == p[key], key
+      assert row[key] == ("" if p[key] is None else str(p[key])), key
+  assert saved["remat"] == {"available": False, "note": "remat is not available for workload "
+                            "digits_mlp (it takes no remat option)"}
+
+
+def test_given_peak_gives_mfu_and_no_note(tmp_path):
+  lines = []
+  result = probe.run_probe(timed_config(peak_tflops=0.5), str(tmp_path),
+                           memory_budget_bytes=2**30, min_batch=64, max_batch=64,
+                           log=lines.append)
+  (p,) = result["points"]
+  assert (p["peak_tflops"], p["peak_source"]) == (0.5, "peak_tflops (given)")
+  assert p["mfu"] == pytest.approx(p["tflops_per_sec_per_device"] / 0.5, rel=1e-12)
+  assert speed_table(lines, [p])[64][-1] == f"{p['mfu']:.1%}"
+  assert not [line for line in lines if line.startswith("MFU '-'")]
+  assert any("0.5 TFLOP/s, peak_tflops (given)" in line for line in lines)
+
+
+# --- remat: the largest batch with and without, under the same budget -------------------
+
+class CurveProber(probe._Prober):  # pylint: disable=protected-access
+  """A prober whose compiles read a given memory curve per remat setting (no XLA)."""
+
+  def __init__(self, curves, budget, batches, unit):
+    super().__init__(available=8, mesh=None, workload=None, arrays=None, cache={},
+                     budget=budget, batches=batches, unit=unit, cap_limit="max_batch",
+                     timing={}, log=lambda _: None)
+    self.curves, self.compiled = curves, []
+
+  def compile(self, ladder, batch, phase):
+    self.compiled.append((ladder.remat, batch))
+    peak = self.curves[ladder.remat](batch)
+    ladder.points[batch] = {"global_batch": batch, "remat": ladder.remat, "peak_bytes": peak,
+                            "fits": peak <= self.budget, "phase": phase,
+                            "samples_per_sec": None, "samples_per_sec_iqr": None}
+    return peak
+
+
+def test_remat_ladders_search_one_budget_and_compare_at_a_batch_both_fit():
+  """Both settings searched under one budget, on a memory curve where remat keeps a
+  third of the activations: the comparison's batches and text follow from the points."""
+  unit, budget = 8, 1_000_000
+  curves = {False: lambda b: 100_000 + 3_000 * b, True: lambda b: 100_000 + 1_000 * b}
+  prober = CurveProber(curves, budget, probe.ladder(unit, 2048), unit)
+  off, on = probe.Ladder(None, False), probe.Ladder(None, True)
+  prober.search(off)
+  prober.search(on)
+  for ladder in (off, on):  # the largest multiple of 8 within budget, the next one over
+    expected = max(b for b in range(unit, 2049, unit) if curves[ladder.remat](b) <= budget)
+    assert (ladder.largest, ladder.over, ladder.limited_by) == (
+        expected, expected + unit, "memory_budget")
+  assert (off.largest, on.largest) == (296, 896)
+  assert 296 not in on.points  # so the comparison compiles it with remat
+  common = prober.common_batch(off, on)
+  assert common == 296 and prober.compiled[-1] == (True, 296)
+  off.points[296].update(samples_per_sec=1000.0, samples_per_sec_iqr=[990.0, 1010.0],
+                         timed_windows=3)
+  on.points[296].update(samples_per_sec=800.0, samples_per_sec_iqr=[790.0, 810.0],
+                        timed_windows=3)
+  comparison = probe.remat_comparison("w", off, on, common)
+  assert comparison["throughput_cost"] == pytest.approx(0.2)
+  lines = probe_text.remat_lines({"budget_bytes": budget, "remat": comparison,
+                                  "timing": {"min_windows": 3}})
+  assert "largest global batch: 296 without remat, 896 with remat (remat fits 600 more)" in lines
+  assert ("at batch 296 (both fit): 1,000 (IQR 990-1,010) samples/s without remat, 800 (IQR "
+          "790-810) with remat: remat costs 20.0% of throughput (medians; compare the IQRs)"
+          in lines)
+
+
+def tiny_lm_config():
+  c = load_config("transformer_lm", "data=synthetic,seq_len=8")
+  c.workload_options.update(d_model=16, num_layers=1, num_heads=1, d_ff=32, dropout_rate=0.0)
+  c.update(num_devices=2, steps_per_call=1)
+  c.throughput.min_seconds, c.throughput.max_seconds = 0.05, 0.5
+  return c
+
+
+def test_remat_probe_of_a_tiny_transformer(tmp_path):
+  """Both settings compiled and timed at the same batch; on CPU, XLA removes remat's
+  recomputation (it is a no-op there), so the largest batches are equal, not larger."""
+  built, lines = [], []
+  real_build = probe.build
+
+  def watched_build(spec, **kwargs):
+    built.append((spec.global_batch, dict(spec.workload_options).get("remat", False)))
+    return real_build(spec, **kwargs)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(probe, "build", watched_build)
+    result = probe.run_probe(tiny_lm_config(), str(tmp_path), memory_budget_bytes=2**30,
+                             min_batch=16, max_batch=16, log=lines.append)
+  assert sorted(built) == [(16, False), (16, True)]  # one compile each, reused for timing
+  remat = result["remat"]
+  off, on = remat["without"], remat["with"]
+  assert remat["config_remat"] is False and result["points"] == off["points"]
+  assert [p["remat"] for p in off["points"] + on["points"]] == [False, True]
+  assert on["largest_batch"] >= off["largest_batch"] == 16
+  assert remat["common_batch"] == 16
+  rates = [s["points"][0]["samples_per_sec"] for s in (off, on)]
+  assert [remat["samples_per_sec_without"], remat["samples_per_sec_with"]] == rates
+  assert remat["throughput_cost"] == pytest.approx(1 - rates[1] / rates[0])
+  for p in off["points"] + on["points"]:
+    assert p["model_flops_source"] == "analytic"  # the same count with or without remat
+    assert p["tflops_per_sec_per_device"] == pytest.approx(
+        p["model_flops_per_example"] * p["samples_per_sec"] / 2 / 1e12, rel=1e-12)
+  assert "largest global batch: 16 without remat, 16 with remat (the same)" in lines
+  with open(tmp_path / "probe" / "probe.csv", encoding="utf-8") as f:
+    assert [r["remat"] for r in csv.DictReader(f)] == ["False", "True"]

@@ -30,10 +30,15 @@ def step_ms_of(batch):
   return 10 + 0.1 * batch
 
 
-def make_point(batch, step_ms=None, windows=7, version_=None):
-  """A throughput point (``throughput.jsonl`` row) for ``batch``."""
+CPU_PEAK_NOTE = "no peak known for 'cpu' (float32); give --config.peak_tflops for MFU"
+
+
+def make_point(batch, step_ms=None, windows=7, version_=None, peak=None):
+  """A throughput point (``throughput.jsonl`` row) for ``batch``: XLA's 1 MFLOP per
+  example, and an MFU only with a ``peak`` (TFLOP/s), as on CPU."""
   step_ms = step_ms_of(batch) if step_ms is None else step_ms
   sps = batch / step_ms * 1000
+  tflops = 1e6 * sps / 1e12
   return {
       "point_id": f"pt-{batch}-v{version_ or version.MEASUREMENT_VERSION}",
       "workload": "synthetic", "global_batch": batch, "per_device_batch": batch,
@@ -46,7 +51,10 @@ def make_point(batch, step_ms=None, windows=7, version_=None):
       "memory": {"argument_bytes": 1000 * batch, "output_bytes": 1000 * batch,
                  "alias_bytes": 0, "temp_bytes": 50_000 * batch, "generated_code_bytes": 4096,
                  "peak_bytes": 51_000 * batch, "device_peak_bytes": None},
-      "flops_per_step": 1e6 * batch,
+      "flops_per_step": 1e6 * batch, "model_flops_per_example": 1e6,
+      "model_flops_source": "xla", "tflops_per_sec_per_device": tflops, "peak_tflops": peak,
+      "peak_source": "peak_tflops (given)" if peak else CPU_PEAK_NOTE,
+      "mfu": tflops / peak if peak else None,
       "measurement_version": version_ or version.MEASUREMENT_VERSION,
   }
 
@@ -99,6 +107,7 @@ def make_row(batch, mult=1.0, seed=0, status="ok", steps=None, run_steps=None,
                       "checkpoint": 0.0},
       "diverged_step": 57 if status == "diverged" else None,
       "resumes": 0, "wall_s": 20.0, "measurement_version": v,
+      "spec": {"compute_dtype": "float32"},
   }
   row.update(overrides)
   return row
@@ -480,6 +489,80 @@ def test_empty_workdir_writes_a_report(tmp_path):
   rec = recommend.recommend([], [], [])
   assert rec["fastest_batch"] is None and rec["text"] == "No results yet."
   assert os.path.exists(paths["report.html"])
+
+
+def summary_of(markdown):
+  """The per-batch table of a report (its first table): headers and rows by batch."""
+  headers, rows = markdown_tables(markdown)[0]
+  return headers, {int(r[0].replace(",", "")): dict(zip(headers, r, strict=True)) for r in rows}
+
+
+def test_tflops_and_mfu_columns_come_from_the_point(workdir, out):
+  points = {p["global_batch"]: p for p in read_points(workdir)}
+  for line in read_csv(out["paths"]["summary.csv"]):
+    point = points.get(int(line["global_batch"]))
+    if point is None:
+      assert line["tflops_per_sec_per_device"] == line["mfu"] == ""
+      continue
+    # TFLOP/s per device = model FLOPs per example x the point's samples/sec / devices.
+    assert value(line["tflops_per_sec_per_device"]) == pytest.approx(
+        point["model_flops_per_example"] * point["samples_per_sec"] / point["num_devices"]
+        / 1e12, rel=1e-12)
+    assert line["model_flops_source"] == "xla" and line["mfu"] == ""
+    assert line["peak_source"] == CPU_PEAK_NOTE and line["compute_dtype"] == "float32"
+  with open(out["paths"]["report.md"], encoding="utf-8") as f:
+    markdown = f.read()
+  headers, rows = summary_of(markdown)
+  assert headers.index("MFU") == headers.index("TFLOP/s/dev") + 1
+  for batch, row in rows.items():
+    point = points.get(batch)
+    assert row["TFLOP/s/dev"] == fmt.number(point and point["tflops_per_sec_per_device"])
+    assert row["MFU"] == "-"
+
+
+def test_mfu_note_names_why_and_flops_line_names_the_source(workdir, out):
+  with open(out["paths"]["report.md"], encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  with_point = sorted(p["global_batch"] for p in read_points(workdir))
+  without = sorted({r["global_batch"] for r in read_results(workdir)} - set(with_point))
+  assert without == [512]
+  notes = [line for line in lines if line.startswith("MFU '-'")]
+  assert notes == [f"MFU '-' at batches {', '.join(map(str, with_point))}: {CPU_PEAK_NOTE}. "
+                   "MFU '-' at batch 512: no throughput point."]
+  (flops,) = [line for line in lines if line.startswith("Model FLOPs per example")]
+  assert flops.startswith("Model FLOPs per example: XLA's cost analysis of the compiled train "
+                          "step divided by the global batch")
+  assert "Compute dtype: float32." in flops and "TFLOP/s, " not in flops  # no peak: none named
+  console = tables.console_table(out["best"]).splitlines()
+  assert console[-1] == notes[0] and "MFU" in console[0].split()
+
+
+def test_mfu_note_appears_exactly_when_an_mfu_is_null(tmp_path):
+  workdir = str(tmp_path)
+  for batch in (8, 16):
+    append_row(workdir, make_row(batch, status="ok", steps=100))
+    append_row(workdir, make_point(batch, peak=0.5), THROUGHPUT_FILE)
+  report = render.write_report(workdir)
+  with open(report["paths"]["report.md"], encoding="utf-8") as f:
+    markdown = f.read()
+  points = {p["global_batch"]: p for p in read_points(workdir)}
+  _, rows = summary_of(markdown)
+  for batch, row in rows.items():  # MFU = TFLOP/s per device / the peak given
+    mfu = points[batch]["tflops_per_sec_per_device"] / 0.5
+    assert row["MFU"] == f"{mfu:.1%}"
+  assert "MFU '-'" not in markdown
+  assert "(0.5 TFLOP/s, peak_tflops (given))" in markdown
+  assert "\nMFU" not in tables.console_table(report["best"])
+
+  append_row(workdir, make_row(32, status="ok", steps=100))
+  append_row(workdir, make_point(32), THROUGHPUT_FILE)  # no peak known for this one
+  report = render.write_report(workdir)
+  with open(report["paths"]["report.md"], encoding="utf-8") as f:
+    markdown = f.read()
+  _, rows = summary_of(markdown)
+  assert [row["MFU"] == "-" for row in rows.values()] == [False, False, True]
+  assert [line for line in markdown.splitlines() if "MFU '-'" in line] == [
+      f"MFU '-' at batch 32: {CPU_PEAK_NOTE}."]
 
 
 def test_format_bytes():

@@ -128,7 +128,8 @@ def fixture_swept(tmp_path_factory):
 def test_sweep_writes_one_row_per_trial(swept):
   specs, rows = swept["specs"], swept["rows"]
   assert swept["summary"] == {"total": 12, "skipped": 0, "ran": 12, "points": 2,
-                              "statuses": swept["summary"]["statuses"]}
+                              "statuses": swept["summary"]["statuses"],
+                              "planned": [s.trial_id for s in specs]}
   assert sum(swept["summary"]["statuses"].values()) == 12
   assert sorted(rows) == sorted(s.trial_id for s in specs)
   for s in specs:

@@ -154,7 +154,7 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
       workload=c.workload, workload_options=tuple(sorted(options.items())),
       global_batch=global_batch,
       per_device_batch=global_batch // (num_devices * accum_steps), accum_steps=accum_steps,
-      num_devices=num_devices, steps_per_call=steps_per_call,
+      num_devices=num_devices, num_processes=_process_count(), steps_per_call=steps_per_call,
       optimizer=c.optimizer, momentum=momentum, weight_decay=weight_decay,
       base_lr=float(c.base_lr), reference_batch=reference_batch, lr_rule=c.lr_rule,
       lr_multiplier=float(c.lr_multiplier), lr=float(lr), schedule=c.schedule,
@@ -172,6 +172,11 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def _process_count() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_count()
 
 
 def _batch_norm_groups(name: str, options: dict, num_devices: int) -> dict:
@@ -260,7 +265,8 @@ def _has_model_state(workload) -> bool:
   import jax  # pylint: disable=g-import-not-at-top
   key = repr((workload.name, workload.example_spec))
   if key not in _HAS_STATE:
-    _, state = jax.eval_shape(workload.init, jax.random.key(0), workload.batch_spec(1))
+    # The key is made inside eval_shape: nothing is placed on a device.
+    _, state = jax.eval_shape(lambda: workload.init(jax.random.key(0), workload.batch_spec(1)))
     _HAS_STATE[key] = bool(jax.tree.leaves(state))
   return _HAS_STATE[key]
 

@@ -188,7 +188,7 @@ class Program:
     as it always has (the shipped workloads keep their results), and costs little
     for the models here once JAX has warmed its primitive caches.
     """
-    return jax.device_put(_host_init(self.workload, self.tx, seed, lr), replicated(self.mesh))
+    return placement.put(_host_init(self.workload, self.tx, seed, lr), replicated(self.mesh))
 
   def abstract_state(self) -> TrainState:
     """``init_state``'s shapes, dtypes and shardings, computed without running it.
@@ -206,6 +206,8 @@ class Program:
     places them); host batches are this process's slice, assembled into global arrays.
     """
     n = self.steps_per_call if num_steps is None else num_steps
+    if not 1 <= n <= self.steps_per_call:
+      raise ValueError(f"num_steps={n}: a train call runs 1..{self.steps_per_call} steps")
     if self.workload.source == "host":
       sharding = batch_sharding(self.mesh, leading=2)
       feed = {name: jax.make_array_from_process_local_data(sharding, a)

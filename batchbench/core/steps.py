@@ -4,7 +4,7 @@ One *train call* runs ``num_steps`` optimizer steps, a runtime value up to its
 compiled maximum K (``steps_per_call``), in a ``lax.fori_loop``, so that small
 models are not bound by Python dispatch, while a trial can still stop at any step
 (an eval, the budget, a checkpoint) with the same executable the throughput phase
-runs full. Each step accumulates gradients over ``accum_steps`` micro-batches (an
+runs full. With K = 1 the call is the step itself, without a loop. Each step accumulates gradients over ``accum_steps`` micro-batches (an
 inner ``lax.scan``) of loss *sums*, divided by the total example count, so the
 update equals the update on the whole global batch. The model state (BatchNorm
 statistics) threads through the micro-batches; each micro-batch gets its own key,
@@ -192,6 +192,12 @@ def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransforma
       state, metrics = train_step(state, prepared, row(i))
       return state, jax.tree.map(lambda b, m: b.at[i].set(m), buffers, metrics)
 
+    if k == 1:
+      # One step per call (the caller never asks for 0): no loop. XLA on CPU compiles
+      # convolution gradients inside a loop body many times slower than outside one
+      # (jax-ml/jax#12868; benchmarks/real_workloads.py), so conv models run K = 1.
+      del num_steps
+      return body(0, (state, buffers))
     return jax.lax.fori_loop(0, num_steps, body, (state, buffers))
 
   return train_call

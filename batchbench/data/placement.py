@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, Sharding
 
 from batchbench.core.mesh import batch_sharding, replicated
 from batchbench.data.arrays import MASK
@@ -14,9 +15,30 @@ from batchbench.data.arrays import MASK
 EVAL_CHUNK = 4096
 
 
+def put(tree: Any, sharding: Sharding) -> Any:
+  """``jax.device_put(tree, sharding)`` for values every process holds whole.
+
+  On one process that is ``device_put``. On several, ``sharding`` spans devices this
+  process cannot address, so each leaf is assembled with ``make_array_from_callback``
+  from this process's copy (each process places the parts its devices hold); PRNG key
+  arrays travel as their key data.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(lambda x: _put_global(x, sharding), tree)
+
+
+def _put_global(x: Any, sharding: Sharding) -> jax.Array:
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data = _put_global(jax.random.key_data(x), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def put_train_data(train: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Puts every training array on every device of ``mesh`` (replicated)."""
-  return jax.device_put(dict(train), replicated(mesh))
+  return put(dict(train), replicated(mesh))
 
 
 def abstract_train_data(train: Mapping[str, np.ndarray],
@@ -50,4 +72,4 @@ def eval_chunks(test: Mapping[str, np.ndarray], num_devices: int,
 
 def put_eval_data(test: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """``eval_chunks`` of the test set, examples sharded over the data axis."""
-  return jax.device_put(eval_chunks(test, mesh.devices.size), batch_sharding(mesh, leading=1))
+  return put(eval_chunks(test, mesh.devices.size), batch_sharding(mesh, leading=1))

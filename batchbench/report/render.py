@@ -29,6 +29,16 @@ Row = dict[str, Any]
 REPORT_DIR = "report"
 
 
+def layout_text(rows: list[dict]) -> str:
+  """Where the trials ran: "on 8 devices in 2 processes" (each layout, when several)."""
+  layouts = collections.Counter((r.get("num_devices"), r.get("num_processes") or 1)
+                                for r in rows)
+  parts = [f"{d} device{'s' if d != 1 else ''} in {p} process{'es' if p != 1 else ''}"
+           + (f" ({n} trials)" if len(layouts) > 1 else "")
+           for (d, p), n in sorted(layouts.items(), key=str)]
+  return "on " + ", ".join(parts) if parts else "on no devices"
+
+
 def markdown(blocks: list[tuple]) -> str:
   def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
@@ -176,8 +186,8 @@ def write_report(workdir: str, rows: list[Row] | None = None,
   seeds = sorted({r.get("seed") for r in rows}, key=str)
   blocks: list[tuple] = [
       ("h1", f"batchbench report: {workloads}"),
-      ("p", f"{len(rows)} trials at {len(best)} global batches, {len(seeds)} seed(s); "
-            f"target: {targets}; statuses: "
+      ("p", f"{len(rows)} trials at {len(best)} global batches, {len(seeds)} seed(s), "
+            f"{layout_text(rows)}; target: {targets}; statuses: "
             + (", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or "none") + "."),
       ("h2", "Recommendation"),
       ("p", rec["text"]),
@@ -188,9 +198,12 @@ def write_report(workdir: str, rows: list[Row] | None = None,
             "LR was tried on one side of it; search: why the LR search stopped. "
             "Samples/sec, its IQR and step time: the batch's throughput phase (pure train "
             "calls, median over the timed windows counted in 'windows'; * marks fewer "
-            "than 3). s to target = steps to target x step time; wall s (trial): the "
-            "median trial's own seconds to the target, with compile and evals."),
+            "than 3). TFLOP/s/dev and MFU: at that samples/sec. s to target = steps to target "
+            "x step time; wall s (trial): the median trial's own seconds to the target, "
+            "with compile and evals."),
       ("table", *tables.summary_table(records)),
+      *([("p", tables.flops_text(records))] if records else []),
+      *[("p", note) for note in [tables.mfu_note(records)] if note],
       *_answer_blocks(ans),
   ]
   if rec["warnings"]:

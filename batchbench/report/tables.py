@@ -9,6 +9,8 @@ from batchbench import fmt
 from batchbench.report.recommend import MIN_TRUSTED_WINDOWS, lr_text
 
 Row = dict[str, Any]
+UTILIZATION_FIELDS = ("model_flops_per_example", "model_flops_source",
+                      "tflops_per_sec_per_device", "peak_tflops", "peak_source", "mfu")
 
 
 def _final_metric(row: Row) -> tuple[str | None, float | None]:
@@ -49,8 +51,81 @@ def summary_records(best: list[Row],
         "final_metric": metric, "final_metric_value": value,
         "final_train_loss": r.get("final_train_loss"),
         "b_simple": r.get("b_simple_median"), "status": r["status"],
-        "selection": r["selection"], "trial_id": r["trial_id"]})
+        "selection": r["selection"], "trial_id": r["trial_id"],
+        # At the point's samples/sec, as the table's speed is: never the trial loop's.
+        **{k: point.get(k) for k in UTILIZATION_FIELDS},
+        "compute_dtype": (r.get("spec") or {}).get("compute_dtype")})
   return records
+
+
+FLOPS_SOURCES = {
+    "analytic": "the workload's analytic count (forward and backward matmuls: 3x the "
+                "forward's)",
+    "xla": "XLA's cost analysis of the compiled train step divided by the global batch (it "
+           "also counts the optimizer update and elementwise work)",
+}
+
+
+def mfu_text(value: float | None) -> str:
+  """MFU as a percentage, ``-`` when there is none."""
+  return "-" if value is None else f"{value:.1%}"
+
+
+def _batches(records: list[dict[str, Any]]) -> str:
+  batches = [fmt.number(r["global_batch"]) for r in records]
+  return f"batch{'es' if len(batches) > 1 else ''} {', '.join(batches)}"
+
+
+def flops_text(records: list[dict[str, Any]]) -> str:
+  """Where the rows' model FLOPs per example come from, their compute dtype, and how
+  TFLOP/s per device and MFU are computed from them (with the peaks used)."""
+  by_source: dict[str, list[dict[str, Any]]] = {}
+  for r in records:
+    if r.get("model_flops_source"):
+      by_source.setdefault(r["model_flops_source"], []).append(r)
+  if not by_source:
+    sources = "not recorded"
+  elif len(by_source) == 1:
+    (source,) = by_source
+    sources = FLOPS_SOURCES.get(source, source)
+  else:
+    sources = "; ".join(f"{_batches(rs)}: {FLOPS_SOURCES.get(s, s)}"
+                        for s, rs in by_source.items())
+  dtypes = sorted({r["compute_dtype"] for r in records if r.get("compute_dtype")})
+  peaks = sorted({(r["peak_tflops"], r["peak_source"]) for r in records
+                  if r.get("mfu") is not None})
+  return (f"Model FLOPs per example: {sources}. Compute dtype: "
+          f"{', '.join(dtypes) or 'not recorded'}. TFLOP/s/dev = model FLOPs per example x "
+          "samples/sec / devices / 1e12; MFU = TFLOP/s/dev / the device's dense peak for the "
+          "compute dtype"
+          + (" (" + "; ".join(f"{fmt.number(p)} TFLOP/s, {s}" for p, s in peaks) + ")"
+             if peaks else "") + ".")
+
+
+def mfu_note(records: list[dict[str, Any]], no_rate: str = "no throughput point") -> str | None:
+  """Why MFU is ``-`` where it is (one line), or None when every row has an MFU.
+
+  Args:
+    records: rows with ``global_batch``, ``samples_per_sec``, ``model_flops_per_example``,
+      ``tflops_per_sec_per_device``, ``peak_source`` and ``mfu``.
+    no_rate: why a row without samples/sec has none.
+  """
+  reasons: dict[str, list[dict[str, Any]]] = {}
+  for r in records:
+    if r.get("mfu") is not None:
+      continue
+    if r.get("samples_per_sec") is None:
+      why = no_rate
+    elif r.get("model_flops_per_example") is None:
+      why = "no model FLOP count recorded"
+    else:
+      why = r.get("peak_source") or "no peak recorded"
+    reasons.setdefault(why, []).append(r)
+  if not reasons:
+    return None
+  where = lambda rs: "every batch" if len(rs) == len(records) else _batches(rs)
+  return " ".join(f"MFU '-' at {where(rs)}: {why}{'' if why.endswith('.') else '.'}"
+                  for why, rs in reasons.items())
 
 
 def rate_text(r: dict[str, Any]) -> str:
@@ -81,6 +156,8 @@ def summary_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[s
        f"{fmt.number(r['samples_per_sec_q25'])}–{fmt.number(r['samples_per_sec_q75'])}"),
       ("windows", lambda r: fmt.number(r["timed_windows"])),
       ("step ms", lambda r: fmt.number(r["step_time_ms"])),
+      ("TFLOP/s/dev", lambda r: fmt.number(r["tflops_per_sec_per_device"])),
+      ("MFU", lambda r: mfu_text(r["mfu"])),
       ("compile s", lambda r: fmt.number(r["compile_s"])),
       ("XLA peak", lambda r: fmt.format_bytes(r["xla_peak_bytes"])),
       ("device peak", lambda r: fmt.format_bytes(r["device_peak_bytes"])),
@@ -99,16 +176,19 @@ def summary_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[s
   return [c[0] for c in columns], [[f(r) for _, f in columns] for r in records]
 
 
-CONSOLE_COLUMNS = ("batch", "LR", "seeds", "samples/sec", "windows", "step ms", "XLA peak",
-                   "steps to target (min–max)", "s to target", "status")
+CONSOLE_COLUMNS = ("batch", "LR", "seeds", "samples/sec", "windows", "step ms", "TFLOP/s/dev",
+                   "MFU", "XLA peak", "steps to target (min–max)", "s to target", "status")
 
 
 def console_table(best: list[Row]) -> str:
-  """A compact fixed-width text table of the per-batch summary."""
-  headers, cells = summary_table(summary_records(best))
+  """A compact fixed-width text table of the per-batch summary, with the MFU note."""
+  records = summary_records(best)
+  headers, cells = summary_table(records)
   keep = [headers.index(h) for h in CONSOLE_COLUMNS if h in headers]
+  note = mfu_note(records)
   return fmt.format_table([headers[i] for i in keep], [[row[i] for i in keep]
-                                                        for row in cells])
+                                                        for row in cells]) + (
+                                                            f"\n{note}" if note else "")
 
 
 def trials_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:

@@ -1,15 +1,15 @@
 """Which global batches fit in memory? Compile the train step ahead of time and read it.
 
-``run_probe`` compiles (never runs) the train call a trial would run at global
+``run_probe`` compiles (without running) the train call a trial would run at global
 batches ``u, 2u, 4u, ...`` (``u`` = data-parallel devices x accum_steps) up to a
 cap, reads XLA's per-device memory figures (argument, output, alias and temp
 bytes, and the peak computed from them: ``measure.memory.compiled_memory``) and
 FLOPs per step, stops at the first batch whose compiled peak exceeds the budget,
 and searches (interpolation, then bisection) between the last batch that fits
 and that one, over multiples of ``u``. A least-squares line
-``peak = fixed + per_example x global_batch`` summarises the points. Only
-compile time is spent; nothing is allocated on the devices (the train state and
-data are abstract).
+``peak = fixed + per_example x global_batch`` summarises the points. The search
+spends only compile time; nothing is allocated on the devices (the train state and
+data are abstract). Only ``measure`` (below) runs anything.
 
 The search assumes the peak does not shrink as the batch grows. Whatever the
 curve, the answer fits and the next multiple of ``u`` was compiled and does not
@@ -22,10 +22,25 @@ By default the budget is the device memory the runtime reports
 there a budget must be given. Where the runtime does report memory (GPU/TPU),
 ``measure_device_peak`` runs a few real steps at the answer and compares the
 runtime's ``peak_bytes_in_use`` with the prediction.
+
+Speed (``measure=True``, the CLI's ``--probe_time``): every batch that fits is then
+timed like a throughput point (``runs.throughput.measure``) on the program the probe
+compiled (the training set placed once; no second compile), kept short: 1 warm-up
+call, 3 windows, the config's ``throughput.min_seconds`` / ``max_seconds`` capped at
+0.5 s / 5 s. Each point gets samples/s, TFLOP/s per device and MFU
+(``measure.mfu``). Model FLOPs per example and their source are on every point, run
+or not.
+
+Remat: a workload that takes a ``remat`` option is probed twice under the same
+budget, ladder and search, once with ``remat`` False and once True (the config's own
+setting is the primary probe: ``points`` and ``answer``), and the comparison holds
+both largest batches, both compiled peaks per batch, and the throughput of both at
+the largest batch both fit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -38,18 +53,27 @@ import numpy as np
 from batchbench.config import ConfigError, TrialSpec, open_workdir, resolve
 from batchbench.config.errors import positive_int
 from batchbench.core.mesh import make_mesh
-from batchbench.core.program import build
-from batchbench.fmt import SIZE_HELP, format_bytes, format_table
+from batchbench.core.program import Program, build
+from batchbench.data import placement
+from batchbench.fmt import SIZE_HELP, format_bytes
+from batchbench.measure import mfu
 from batchbench.measure.memory import device_budget_bytes
 from batchbench.report.files import write_outputs
-from batchbench.workloads import get_workload
+from batchbench.report.probe_text import draw_probe, format_probe
+from batchbench.runs import throughput
+from batchbench.workloads import get_workload, workload_options
 
 PROBE_DIR = "probe"
 DEFAULT_MAX_BATCH = 2**16
-POINT_COLUMNS = ("global_batch", "per_device_batch", "num_devices", "accum_steps",
+POINT_COLUMNS = ("global_batch", "remat", "per_device_batch", "num_devices", "accum_steps",
                  "steps_per_call", "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
                  "generated_code_bytes", "peak_bytes", "flops_per_step", "compile_s", "fits",
-                 "phase")
+                 "phase", "model_flops_per_example", "model_flops_source", "samples_per_sec",
+                 "timed_windows", "tflops_per_sec_per_device", "peak_tflops", "mfu",
+                 "peak_source", "time_error")
+# The timing of a batch that fits: a short look, not a sweep's throughput point.
+TIMING = {"warmup_calls": 1, "min_windows": 3, "min_seconds": 0.5, "max_seconds": 5.0}
+TIMING_FIELDS = ("samples_per_sec", "samples_per_sec_iqr", "timed_windows", "step_time_ms")
 Log = Callable[[str], None]
 
 
@@ -103,7 +127,10 @@ def compiled_memory(spec: TrialSpec, mesh=None, *, arrays=None,
     The compiled call's memory (per-device bytes, ``peak_bytes`` among them) plus
     ``compile_s`` and ``flops_per_step`` (None unless ``flops``).
   """
-  program = build(spec, mesh=mesh, abstract=True, flops=flops, arrays=arrays)
+  return _compiled_fields(build(spec, mesh=mesh, abstract=True, flops=flops, arrays=arrays))
+
+
+def _compiled_fields(program: Program) -> dict[str, Any]:
   return {**program.train.memory, "compile_s": program.train.compile_s,
           "flops_per_step": program.flops_per_step}
 
@@ -193,6 +220,183 @@ def _positive_multiple(value: Any, field: str, unit: int, what: str) -> int:
   return value
 
 
+def timing_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The throughput settings a batch that fits is timed with: ``TIMING``, never longer
+  than the config's ``throughput`` section asks for."""
+  t = config.throughput
+  return {**TIMING, "min_seconds": min(t.min_seconds, TIMING["min_seconds"]),
+          "max_seconds": min(t.max_seconds, TIMING["max_seconds"])}
+
+
+def with_remat(config: ml_collections.ConfigDict, remat: bool) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with ``workload_options.remat`` set (a locked config too)."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.workload_options.remat = remat
+  return c
+
+
+@dataclasses.dataclass
+class Ladder:
+  """One configuration probed: the config, or the config with remat flipped.
+
+  Attributes:
+    config: the trial config (the probe sets its global batch per point).
+    remat: its ``workload_options.remat``; None for a workload without that option.
+    points: the compiled points, by global batch.
+    programs: compiled programs of points that fit, kept until they are timed.
+    largest: the largest batch that fits (None: not even the first).
+    over: the next multiple of the unit, which does not fit (None: every batch fits).
+    limited_by: ``memory_budget``, or the cap (``max_batch``/``train_size``).
+  """
+
+  config: ml_collections.ConfigDict
+  remat: bool | None
+  points: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+  programs: dict[int, Program] = dataclasses.field(default_factory=dict)
+  largest: int | None = None
+  over: int | None = None
+  limited_by: str | None = None
+
+  def rows(self) -> list[dict[str, Any]]:
+    """The points by batch."""
+    return [self.points[b] for b in sorted(self.points)]
+
+  def summary(self) -> dict[str, Any]:
+    """The ladder's answer and points, for the remat comparison."""
+    return {"remat": self.remat, "largest_batch": self.largest,
+            "peak_bytes": self.points[self.largest]["peak_bytes"] if self.largest else None,
+            "next_batch": self.over,
+            "next_peak_bytes": self.points[self.over]["peak_bytes"] if self.over else None,
+            "limited_by": self.limited_by, "points": self.rows()}
+
+
+class _OneProgram:
+  """The program cache ``throughput.measure`` asks, holding the one program the probe
+  compiled: timing a batch does not compile it again."""
+
+  def __init__(self, program: Program):
+    self.program = program
+
+  def get(self, spec: TrialSpec) -> tuple[Program, bool]:
+    del spec
+    return self.program, True
+
+
+class _Prober:
+  """Compiles, searches and times the ladders of one probe (one mesh, one budget)."""
+
+  def __init__(self, *, available: int, mesh, workload, arrays, cache: dict[str, Any],
+               budget: int, batches: list[int], unit: int, cap_limit: str,
+               timing: dict[str, Any], log: Log):
+    self.available, self.mesh, self.workload, self.arrays = available, mesh, workload, arrays
+    self.cache, self.budget, self.batches, self.unit = cache, budget, batches, unit
+    self.cap_limit, self.timing, self.log = cap_limit, timing, log
+    self._placed = None
+
+  def compile(self, ladder: Ladder, batch: int, phase: str) -> int:
+    """Compiles ``ladder`` at ``batch`` (unless the cache has it); its peak bytes."""
+    spec = resolve(with_fields(ladder.config, global_batch=batch), self.available)
+    if spec.trial_id not in self.cache:
+      program = build(spec, mesh=self.mesh, abstract=True, flops=True, arrays=self.arrays)
+      self.cache[spec.trial_id] = _compiled_fields(program)
+      ladder.programs[batch] = program
+    point = {"global_batch": batch, "remat": ladder.remat,
+             "per_device_batch": spec.per_device_batch, "num_devices": spec.num_devices,
+             "accum_steps": spec.accum_steps, "steps_per_call": spec.steps_per_call,
+             **self.cache[spec.trial_id]}
+    if point["peak_bytes"] is None:
+      raise RuntimeError(f"the {jax.default_backend()} backend reports no memory analysis "
+                         "for compiled programs; the probe cannot predict memory here")
+    point["fits"] = point["peak_bytes"] <= self.budget
+    if not point["fits"]:
+      ladder.programs.pop(batch, None)
+    point["phase"] = phase
+    point.update(dict.fromkeys(TIMING_FIELDS), time_error=None,
+                 **self.utilization(spec, point, None))
+    ladder.points[batch] = point
+    label = "" if ladder.remat is None else f", remat {'on' if ladder.remat else 'off'}"
+    self.log(f"  batch {batch:>8,d}{label}: peak {format_bytes(point['peak_bytes']):>10s} "
+             f"({'fits' if point['fits'] else 'over budget'}), compiled in "
+             f"{point['compile_s']:.2f}s")
+    return point["peak_bytes"]
+
+  def search(self, ladder: Ladder) -> None:
+    """The ladder's largest batch within the budget (``search_largest``)."""
+    peak_at = lambda b: self.compile(ladder, b, "ladder" if b in self.batches else "search")
+    ladder.largest, ladder.over = search_largest(peak_at, self.batches, self.unit,
+                                                 self.budget)
+    ladder.limited_by = "memory_budget" if ladder.over else self.cap_limit
+
+  def common_batch(self, a: Ladder, b: Ladder) -> int | None:
+    """The largest batch both ladders compiled and fit: the smaller of their answers,
+    compiled in the other ladder where it is missing."""
+    if a.largest is None or b.largest is None:
+      return None
+    batch = min(a.largest, b.largest)
+    for ladder in (a, b):
+      if batch not in ladder.points:
+        self.compile(ladder, batch, "compare")
+    both = [x for x, p in a.points.items()
+            if p["fits"] and x in b.points and b.points[x]["fits"]]
+    return max(both, default=None)
+
+  def utilization(self, spec: TrialSpec, point: dict[str, Any],
+                  samples_per_sec: float | None) -> dict[str, Any]:
+    """The point's FLOPs and MFU fields at ``samples_per_sec`` (``measure.mfu``)."""
+    flops, source = mfu.model_flops(self.workload.flops_per_example, point["flops_per_step"],
+                                    spec.global_batch)
+    return mfu.utilization(flops_per_example=flops, flops_source=source,
+                           samples_per_sec=samples_per_sec, num_devices=spec.num_devices,
+                           device_kind=self.mesh.devices.flat[0].device_kind,
+                           compute_dtype=spec.compute_dtype, peak_override=spec.peak_tflops)
+
+  def time(self, ladder: Ladder, batch: int) -> None:
+    """Times ``ladder``'s point at ``batch`` (it fits) with the throughput phase."""
+    point = ladder.points[batch]
+    if not point["fits"] or point["samples_per_sec"] is not None:
+      return
+    spec = resolve(with_fields(ladder.config, global_batch=batch,
+                               memory_budget_bytes=self.budget,
+                               throughput=ml_collections.ConfigDict(self.timing)),
+                   self.available)
+    program = ladder.programs.pop(batch, None)
+    if program is None:  # compiled by an earlier probe sharing the cache
+      program = build(spec, mesh=self.mesh, abstract=True, flops=False, arrays=self.arrays)
+    if self.arrays is not None:  # the abstract program's dataset, now on the devices
+      if self._placed is None:
+        self._placed = placement.put_train_data(self.arrays.train, self.mesh)
+      program = dataclasses.replace(program, data=self._placed)
+    try:
+      row = throughput.measure(spec, cache=_OneProgram(program))
+    except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED: over the device
+      point["time_error"] = str(e).splitlines()[0]
+      self.log(f"  timing batch {batch:,} failed: {point['time_error']}")
+      return
+    point.update({k: row.get(k) for k in TIMING_FIELDS})
+    point.update(self.utilization(spec, point, row.get("samples_per_sec")))
+    label = "" if ladder.remat is None else f", remat {'on' if ladder.remat else 'off'}"
+    tflops = point["tflops_per_sec_per_device"]
+    self.log(f"  timed batch {batch:>8,d}{label}: {throughput.format_rate(row)}"
+             + ("" if tflops is None else f", {tflops:.3g} TFLOP/s per device"))
+
+
+def remat_comparison(workload: str, primary: Ladder, other: Ladder | None,
+                     common: int | None) -> dict[str, Any]:
+  """Both ladders' answers and the throughput of both at the largest batch both fit."""
+  if other is None:
+    return {"available": False,
+            "note": f"remat is not available for workload {workload} (it takes no remat "
+                    "option)"}
+  off, on = (other, primary) if primary.remat else (primary, other)
+  rate = lambda ladder: ladder.points[common]["samples_per_sec"] if common else None
+  without, with_ = rate(off), rate(on)
+  return {"available": True, "config_remat": primary.remat, "without": off.summary(),
+          "with": on.summary(), "common_batch": common, "samples_per_sec_without": without,
+          "samples_per_sec_with": with_,
+          "throughput_cost": 1 - with_ / without if without and with_ is not None else None}
+
+
 def run_probe(config: ml_collections.ConfigDict, workdir: str, *,
               memory_budget_bytes: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
               min_batch: int | None = None, num_available_devices: int | None = None,
@@ -215,12 +419,16 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str, *,
     num_available_devices: local devices (default: all).
     cache: trial id -> compiled point; reused and filled, so probing another
       budget compiles only the new batches.
-    measure: where the runtime reports device memory, run a few real steps at
-      the answer and compare (``measure_device_peak``).
+    measure: run real steps: time every batch that fits (samples/s, TFLOP/s per
+      device, MFU; ``timing_settings``) and, where the runtime reports device memory,
+      compare the answer's peak (``measure_device_peak``). False only compiles:
+      nothing is placed on the devices.
     log: progress sink; None for silence.
 
   Returns:
-    A dict with the points, the fit, the answer and the budget.
+    A dict with the points (of the config as given), the fit, the answer, the budget,
+    the timing settings (None without ``measure``) and ``remat``
+    (``remat_comparison``).
 
   Raises:
     ConfigError: an invalid input, or a budget below the smallest batch's peak.
@@ -250,44 +458,36 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = make_mesh(base.num_devices)
   workload = get_workload(base.workload, dict(base.workload_options))
   arrays = workload.data() if workload.source == "embedded" else None
-  cache = {} if cache is None else cache
-  points: dict[int, dict[str, Any]] = {}
-  log(f"[probe {base.workload}] {base.num_devices} device(s) x accum {base.accum_steps}; "
-      f"budget {format_bytes(budget)} per device ({source}); batches {start}..{cap}")
-
   batches = ladder(start, cap)
+  prober = _Prober(available=available, mesh=mesh, workload=workload, arrays=arrays,
+                   cache={} if cache is None else cache, budget=budget, batches=batches,
+                   unit=unit, cap_limit=limit, timing=timing_settings(config), log=log)
+  takes_remat = "remat" in workload_options(base.workload)
+  remat = bool(dict(base.workload_options).get("remat", False)) if takes_remat else None
+  log(f"[probe {base.workload}] {base.num_devices} device(s) x accum {base.accum_steps}; "
+      f"budget {format_bytes(budget)} per device ({source}); batches {start}..{cap}"
+      + ("" if remat is None else f"; remat {'on' if remat else 'off'}, then "
+                                  f"{'off' if remat else 'on'}"))
 
-  def peak_at(batch: int) -> int:
-    spec = resolve(with_fields(config, global_batch=batch), available)
-    if spec.trial_id not in cache:
-      cache[spec.trial_id] = compiled_memory(spec, mesh, arrays=arrays)
-    point = {"global_batch": batch, "per_device_batch": spec.per_device_batch,
-             "num_devices": spec.num_devices, "accum_steps": spec.accum_steps,
-             "steps_per_call": spec.steps_per_call, **cache[spec.trial_id]}
-    if point["peak_bytes"] is None:
-      raise RuntimeError(f"the {jax.default_backend()} backend reports no memory analysis "
-                         "for compiled programs; the probe cannot predict memory here")
-    point["fits"] = point["peak_bytes"] <= budget
-    point["phase"] = "ladder" if batch in batches else "search"
-    points[batch] = point
-    log(f"  batch {batch:>8,d}: peak {format_bytes(point['peak_bytes']):>10s} "
-        f"({'fits' if point['fits'] else 'over budget'}), compiled in "
-        f"{point['compile_s']:.2f}s")
-    return point["peak_bytes"]
-
-  largest, over = search_largest(peak_at, batches, unit, budget)
-  if largest is None:
-    first = points[batches[0]]
+  primary = Ladder(config, remat)
+  prober.search(primary)
+  if primary.largest is None:
+    first = primary.points[batches[0]]
     raise ConfigError(
         "memory_budget", format_bytes(budget),
         f"below the compiled peak of the smallest global batch {first['global_batch']} "
         f"({first['per_device_batch']} per device): {format_bytes(first['peak_bytes'])} "
         f"({first['peak_bytes']:,} bytes) per device; give at least that much")
-  rows = [points[b] for b in sorted(points)]
+  other = common = None
+  if remat is not None:
+    other = Ladder(with_remat(config, not remat), not remat)
+    prober.search(other)
+    common = prober.common_batch(primary, other)
+  rows = primary.rows()
   fit = fit_memory(rows)
+  largest, over, points = primary.largest, primary.over, primary.points
   answer = {"global_batch": largest, "per_device_batch": points[largest]["per_device_batch"],
-            "peak_bytes": points[largest]["peak_bytes"],
-            "limited_by": "memory_budget" if over else limit,
+            "peak_bytes": points[largest]["peak_bytes"], "limited_by": primary.limited_by,
             "next_batch": over, "next_peak_bytes": points[over]["peak_bytes"] if over else None}
   if fit and fit["bytes_per_example"] > 0:
     answer["fit_global_batch"] = max(
@@ -296,18 +496,29 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str, *,
             "num_devices": base.num_devices, "accum_steps": base.accum_steps, "unit": unit,
             "budget_bytes": budget, "budget_source": source, "max_batch": max_batch,
             "cap": cap, "platform": jax.default_backend(),
-            "device_kind": jax.local_devices()[0].device_kind, "points": rows, "fit": fit,
-            "answer": answer, "measured": None}
+            "device_kind": jax.local_devices()[0].device_kind,
+            "compute_dtype": base.compute_dtype, "points": rows, "fit": fit,
+            "answer": answer, "measured": None,
+            "timing": prober.timing if measure else None}
   if measure and device_budget_bytes(mesh.devices.flat) is not None:
+    # Before any timing: the runtime's peak is a high-water mark over the process.
     spec = resolve(with_fields(config, global_batch=largest), available)
     try:
       result["measured"] = measure_device_peak(spec, mesh, log=log)
     except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED: the prediction was low
       result["measured"] = {"global_batch": largest, "error": str(e).splitlines()[0]}
       log(f"  running batch {largest} failed: {result['measured']['error']}")
+  if measure:
+    for batch in sorted(primary.points):
+      prober.time(primary, batch)
+    if other is not None:  # where the two compare, and the other's own answer
+      for batch in sorted({common, other.largest} - {None}):
+        prober.time(other, batch)
+  result["remat"] = remat_comparison(base.workload, primary, other, common)
   if jax.process_index() == 0:
-    result["files"] = write_outputs(os.path.join(workdir, PROBE_DIR), "probe", result, rows,
-                                    POINT_COLUMNS, lambda fig: _plot(fig, result))
+    result["files"] = write_outputs(os.path.join(workdir, PROBE_DIR), "probe", result,
+                                    rows + (other.rows() if other else []), POINT_COLUMNS,
+                                    lambda fig: draw_probe(fig, result))
   for line in format_probe(result).splitlines():
     log(line)
   return result
@@ -343,67 +554,3 @@ def measure_device_peak(spec: TrialSpec, mesh, calls: int = 3,
         f"{format_bytes(out['measured_peak_bytes'])} vs predicted "
         f"{format_bytes(out['predicted_peak_bytes'])} (ratio {out['ratio']:.3f})")
   return out
-
-
-def format_probe(result: dict[str, Any]) -> str:
-  """The console table, the fit and the answer."""
-  head = ("global_batch", "per_device", "argument", "output", "alias", "temp", "peak",
-          "GFLOP/step", "compile_s", "fits")
-  body = [(f"{p['global_batch']:,}", f"{p['per_device_batch']:,}",
-           *(format_bytes(p[k]) for k in ("argument_bytes", "output_bytes", "alias_bytes",
-                                          "temp_bytes", "peak_bytes")),
-           "-" if p["flops_per_step"] is None else f"{p['flops_per_step'] / 1e9:.3g}",
-           f"{p['compile_s']:.2f}", "yes" if p["fits"] else "no") for p in result["points"]]
-  lines = [format_table(head, body)]
-  fit, answer = result["fit"], result["answer"]
-  if fit:
-    r2 = "-" if fit["r2"] is None else f"{fit['r2']:.4f}"
-    lines.append(f"fit: peak = {format_bytes(fit['fixed_bytes'])} + "
-                 f"{fit['bytes_per_example']:,.0f} B x global_batch (per device; R^2 {r2}, "
-                 f"max residual {format_bytes(fit['max_residual_bytes'])})")
-  exact = lambda n: f"{format_bytes(n)} ({n:,} B)"
-  lines.append(
-      f"largest global batch within {exact(result['budget_bytes'])} per device "
-      f"({result['budget_source']}): {answer['global_batch']:,} "
-      f"({answer['per_device_batch']:,} per device x {result['num_devices']} device(s) x "
-      f"accum {result['accum_steps']}), compiled peak {exact(answer['peak_bytes'])}; "
-      + (f"{answer['next_batch']:,} needs {exact(answer['next_peak_bytes'])}"
-         if answer["next_batch"] else f"limited by {answer['limited_by']}, not memory"))
-  if answer.get("fit_global_batch") is not None:
-    lines.append(f"the linear fit alone predicts {answer['fit_global_batch']:,}")
-  m = result["measured"]
-  if m and m.get("error"):
-    lines.append(f"running batch {m['global_batch']:,} for real failed: {m['error']}")
-  elif m:
-    lines.append(f"measured peak_bytes_in_use / predicted = {m['ratio']:.3f} "
-                 f"({format_bytes(m['measured_peak_bytes'])} / "
-                 f"{format_bytes(m['predicted_peak_bytes'])})")
-  return "\n".join(lines)
-
-
-def _plot(fig, result: dict[str, Any]) -> None:
-  mib = 2.0**20
-  points = result["points"]
-  batches = [p["global_batch"] for p in points]
-  ax = fig.subplots()
-  for key, label in (("peak_bytes", "peak"), ("temp_bytes", "temp"),
-                     ("argument_bytes", "argument")):
-    ax.plot(batches, [p[key] / mib for p in points], marker="o", label=label)
-  fit = result["fit"]
-  if fit:
-    xs = [min(batches) * (max(batches) / min(batches)) ** (i / 64) for i in range(65)]
-    ax.plot(xs, [(fit["fixed_bytes"] + fit["bytes_per_example"] * x) / mib for x in xs], "--",
-            color="gray", label="linear fit of peak")  # a line, drawn on a log2 axis
-  budget = result["budget_bytes"]
-  if budget <= 2 * max(p["peak_bytes"] for p in points):
-    ax.axhline(budget / mib, color="red", alpha=0.6, label="budget")
-  else:  # a line far above the points would flatten them
-    ax.plot([], [], color="red", alpha=0.6, label=f"budget {format_bytes(budget)} (off scale)")
-  ax.axvline(result["answer"]["global_batch"], color="green", linestyle=":",
-             label=f"largest that fits ({result['answer']['global_batch']:,})")
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("global batch")
-  ax.set_ylabel("MiB per device (compiled)")
-  ax.set_title(f"Compiled memory of the train step: {result['workload']}")
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize="small")

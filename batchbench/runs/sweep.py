@@ -4,12 +4,14 @@
 validated before anything runs. ``run_sweep`` goes batch by batch: it measures
 the batch's throughput point (once; ``throughput.jsonl``), then runs every trial
 of the batch that has no row in ``results.jsonl`` yet (a recorded outcome is
-final), appending each row as the trial ends. Every LR and seed of a batch runs
-the same compiled program: in this process from a ``ProgramCache``; with
-``isolation="process"`` each trial runs in its own Python process, and JAX's
-persistent compilation cache (``<workdir>/xla_cache`` unless given) serves them.
-A trial that diverges, misses its target, is over the memory budget or raises is
-recorded with that status and the sweep goes on.
+final), appending each row as the trial ends, then the batch's LR search
+(``runs.rounds``). Every LR and seed of a batch runs the same compiled program:
+in this process from a ``ProgramCache``; with ``isolation="process"`` each trial
+runs in its own Python process, and JAX's persistent compilation cache
+(``<workdir>/xla_cache`` unless given) serves them. A trial that diverges, misses
+its target, is over the memory budget or raises is recorded with that status and
+the sweep goes on. With a ``shard`` (``runs.shard``) it runs only its slice of the
+trials, beside other shards on the same workdir.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import ml_collections
 
 from batchbench import fmt
 from batchbench.config import ConfigError, TrialSpec, resolve
-from batchbench.runs import lr_search, throughput
+from batchbench.runs import throughput
+from batchbench.runs import shard as shard_lib
+from batchbench.runs.rounds import POINT_FAILED, BatchSearch, Rounds
 from batchbench.runs.rows import make_row
 from batchbench.store import checkpoint, results
 
@@ -124,7 +128,7 @@ def _measure_point(runner, spec: TrialSpec, workdir: str, log: Log, options: Run
     error = "".join(traceback.format_exception_only(type(e), e)).strip()
     log(f"  !! throughput point of batch {spec.global_batch} failed: "
         f"{fmt.first_line(error, 200)}; its trials are recorded with that error")
-    return None, f"the throughput point of this batch failed: {error}"
+    return None, error
 
 
 def error_row(spec: TrialSpec, error: str, wall: float) -> dict[str, Any]:
@@ -211,11 +215,14 @@ def plan(config: ml_collections.ConfigDict,
 
 
 class _Run:
-  """One invocation of a sweep: runs points and trials, keeps the rows and counts."""
+  """One invocation of a sweep (or of its shard): runs points and trials, keeps the rows
+  (all shards') and the counts."""
 
-  def __init__(self, workdir: str, runner, log: Log, options: RunOptions, watch):
+  def __init__(self, workdir: str, runner, log: Log, options: RunOptions, watch,
+               shard: shard_lib.Shard = shard_lib.UNSPLIT):
     self.workdir, self.runner, self.log, self.options, self.watch = (
         workdir, runner, log, options, watch)
+    self.shard = shard
     self.rows = {r["trial_id"]: r for r in results.read_results(workdir)}
     self.points: dict[str, tuple[dict[str, Any] | None, str | None]] = {}
     self.statuses: dict[str, int] = {}
@@ -223,41 +230,55 @@ class _Run:
     self.total = 0
     self.start = time.perf_counter()
 
-  def _check_preempted(self) -> None:
+  def check_preempted(self) -> None:
     if self.watch.requested:
       raise checkpoint.Preempted(None, None, message=(
           "preempted between trials; every finished trial is recorded; rerun the same "
           "command to run the rest"))
 
+  def refresh(self) -> int:
+    """Reads the rows other shards appended (unsplit, every row is this process's)."""
+    if self.shard.split:
+      self.rows = {r["trial_id"]: r for r in results.read_results(self.workdir)}
+    return len(self.rows)
+
   def point(self, spec: TrialSpec) -> tuple[dict[str, Any] | None, str | None]:
     if spec.point_id not in self.points:  # also for a batch whose trials are all done
-      self.points[spec.point_id] = _measure_point(self.runner, spec, self.workdir, self.log,
-                                                  self.options, self.watch)
-    self._check_preempted()
+      with shard_lib.point_lock(self.workdir, spec.point_id, self.shard, self.log):
+        self.points[spec.point_id] = _measure_point(self.runner, spec, self.workdir,
+                                                    self.log, self.options, self.watch)
+    self.check_preempted()
     return self.points[spec.point_id]
 
+  def _append(self, row: dict[str, Any]) -> None:
+    if jax_process_index() == 0:
+      results.append_row(self.workdir, row)
+
   def trials(self, specs: list[TrialSpec]) -> None:
-    """Runs those of ``specs`` that have no row yet, appending each row as it ends."""
+    """Runs those of ``specs`` in this shard's slice that have no row yet, appending
+    each row as it ends."""
+    specs = self.shard.mine(specs)
     self.total += len(specs)
+    where = f" of shard {self.shard.label}" if self.shard.split else ""
     for spec in specs:
-      self._check_preempted()
+      self.check_preempted()
       point, point_error = self.point(spec)
       if spec.trial_id in self.rows:
         self.skipped += 1
         continue
       ran = sum(self.statuses.values())
       elapsed = time.perf_counter() - self.start
-      self.log(f"[trial {self.skipped + ran + 1}/{self.total}] B={spec.global_batch} "
+      self.log(f"[trial {self.skipped + ran + 1}/{self.total}{where}] B={spec.global_batch} "
                f"lr={spec.lr:.4g} (x{spec.lr_multiplier:g}) seed={spec.seed} | elapsed "
                f"{fmt.duration(elapsed)}")
       trial_start = time.perf_counter()
       try:
         if point_error:
-          raise RuntimeError(point_error)
+          raise RuntimeError(f"{POINT_FAILED}: {point_error}")
         row = self.runner.trial(spec, self.workdir, self.log, self.options, self.watch, point)
       except checkpoint.Preempted as e:
         if e.row is not None:  # the trial finished in the window it was stopped in
-          results.append_row(self.workdir, e.row)
+          self._append(e.row)
         raise
       except (KeyboardInterrupt, SystemExit, checkpoint.CheckpointError):
         raise
@@ -266,36 +287,9 @@ class _Run:
         self.log(f"  !! trial raised {error.splitlines()[0]}")
         row = error_row(spec, f"{error}\n{traceback.format_exc(limit=8)}",
                         time.perf_counter() - trial_start)
-      results.append_row(self.workdir, row)
+      self._append(row)
       self.rows[spec.trial_id] = row
       self.statuses[row["status"]] = self.statuses.get(row["status"], 0) + 1
-
-  def search(self, batch_specs: list[TrialSpec], search: LRSearch) -> None:
-    """Extends one batch's LRs until its best is bracketed; records why it stopped."""
-    spec = batch_specs[0]
-    if spec.target is None or self.points.get(spec.point_id, (None, None))[1]:
-      return  # nothing to bracket: no target, or the batch failed
-    while True:
-      rows = [self.rows[s.trial_id] for s in batch_specs if s.trial_id in self.rows]
-      decision = lr_search.decide(rows, search.grid, factor=search.factor,
-                                  max_extensions=search.max_extensions)
-      if not decision.run:
-        break
-      self.log(f"  LR search, batch {spec.global_batch}: best x{decision.best:g} is at an "
-               f"edge; trying x{', x'.join(f'{m:g}' for m in decision.run)}"
-               if decision.best is not None else
-               f"  LR search, batch {spec.global_batch}: no LR reached the target; trying "
-               f"x{', x'.join(f'{m:g}' for m in decision.run)}")
-      new = [s for m in decision.run for s in search.extend(spec.global_batch, m)]
-      batch_specs += new
-      self.trials(new)
-    self.log(f"  LR search, batch {spec.global_batch}: {decision.reason} (best "
-             + (f"x{decision.best:g})" if decision.best is not None else "none)"))
-    if jax_process_index() == 0:
-      results.append_jsonl(f"{self.workdir}/{LR_SEARCH_FILE}",
-                           {**decision.as_row(spec.global_batch), "point_id": spec.point_id,
-                            "grid": list(search.grid), "factor": search.factor,
-                            "max_extensions": search.max_extensions})
 
 
 def jax_process_index() -> int:
@@ -305,7 +299,8 @@ def jax_process_index() -> int:
 
 def run_sweep(specs: list[TrialSpec], workdir: str, *, isolation: str = "none",
               log: Log = print, options: RunOptions | None = None, runner: Any = None,
-              search: LRSearch | None = None) -> dict[str, Any]:
+              search: LRSearch | None = None,
+              shard: shard_lib.Shard = shard_lib.UNSPLIT) -> dict[str, Any]:
   """Batch by batch: the throughput point, the trials without a row, the LR search.
 
   Trials keep checkpoints under ``<workdir>/trials/<trial_id>/``, so an interrupted
@@ -323,9 +318,15 @@ def run_sweep(specs: list[TrialSpec], workdir: str, *, isolation: str = "none",
       ``trial(spec, workdir, log, options, watch, point)``; overrides ``isolation``
       (tests inject failures with it).
     search: the LR search (``plan``); None runs the grid only.
+    shard: the slice of the trials to run (``runs.shard``); default all of them.
 
   Returns:
-    ``{"total", "skipped", "ran", "statuses": {status: count}, "points": n}``.
+    ``{"total", "skipped", "ran", "statuses": {status: count}, "points": n,
+    "planned": [trial_id, ...]}``: counts of this shard's trials; ``planned`` is every
+    trial of the sweep, all shards' and every LR-search round's.
+
+  Raises:
+    shard_lib.ShardTimeout: a split sweep waited too long for other shards' rows.
   """
   if isolation not in ISOLATIONS:
     raise ConfigError("isolation", isolation, f"must be one of {', '.join(ISOLATIONS)}")
@@ -339,17 +340,22 @@ def run_sweep(specs: list[TrialSpec], workdir: str, *, isolation: str = "none",
       runner = Subprocess()
     else:
       runner = InProcess()
+  mine = shard.mine(specs)
   done = sum(s.trial_id in {r["trial_id"] for r in results.read_results(workdir)}
-             for s in specs)
+             for s in mine)
   if done:
-    log(f"{done} of {len(specs)} trials already have results in {workdir}; skipping them")
+    log(f"{done} of {len(mine)} trials already have results in {workdir}; skipping them")
+  batches = [BatchSearch([s for s in specs if s.global_batch == b])
+             for b in dict.fromkeys(s.global_batch for s in specs)]
   with checkpoint.preemption_watch() as watch:
-    run = _Run(workdir, runner, log, options, watch)
-    for batch in dict.fromkeys(s.global_batch for s in specs):
-      batch_specs = [s for s in specs if s.global_batch == batch]
-      run.trials(batch_specs)
-      if search is not None:
-        run.search(batch_specs, search)
+    run = _Run(workdir, runner, log, options, watch, shard)
+    rounds = Rounds(run, search) if search is not None else None
+    for i, batch in enumerate(batches):
+      run.trials(batch.specs)
+      if rounds:  # unsplit, this takes the batch's search to its end
+        rounds.advance(batches[:i + 1])
+    if rounds:
+      rounds.settle(batches)
   ran = sum(run.statuses.values())
   return {"total": run.total, "skipped": run.skipped, "ran": ran, "statuses": run.statuses,
-          "points": len(run.points)}
+          "points": len(run.points), "planned": [s.trial_id for b in batches for s in b.specs]}

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 
 from batchbench.config import TrialSpec
+from batchbench.core import distributed
 from batchbench.core.program import MAX_IN_FLIGHT, Program, ProgramCache, build
 from batchbench.measure.memory import PeakTracker
 from batchbench.measure.timing import Window, WindowTimer, window_stats
@@ -106,12 +107,14 @@ def _measure(spec: TrialSpec, program: Program, state, feed, hit: bool, obtain_s
   state = calls(state, 1)
   call_s = max(clock() - sizing, 1e-9)
   per_window = settings["min_seconds"] / settings["min_windows"]
-  calls_per_window = max(1, math.ceil(per_window / call_s))
+  # Decisions from clocks are process 0's, so that every process runs the same calls.
+  calls_per_window = distributed.from_process_0(max(1, math.ceil(per_window / call_s)))
   timer = WindowTimer(clock, warmup_windows=0)
   timed = 0.0
   wait[0] = 0.0
-  while (len(timer.windows) < settings["min_windows"] or timed < settings["min_seconds"]) \
-      and timed < settings["max_seconds"]:
+  while distributed.from_process_0(
+      (len(timer.windows) < settings["min_windows"] or timed < settings["min_seconds"])
+      and timed < settings["max_seconds"]):
     timer.start()
     state = calls(state, calls_per_window)
     timed += timer.stop(calls_per_window * k * spec.global_batch, calls_per_window * k)
@@ -161,9 +164,16 @@ def ensure_point(spec: TrialSpec, workdir: str, *, cache: ProgramCache | None = 
                  measure_fn: Callable[..., dict[str, Any]] | None = None) -> dict[str, Any]:
   """The throughput point of ``spec``'s batch: read from ``workdir``, else measured and
   appended to ``throughput.jsonl`` (by process 0)."""
-  for point in results.read_points(workdir):
-    if point["point_id"] == spec.point_id:
-      return point
+  found = next((p for p in results.read_points(workdir) if p["point_id"] == spec.point_id),
+                None)
+  # Every process must measure, or none: process 0's file decides (the workdir is
+  # shared by all processes, as multi-process checkpoints require).
+  if distributed.from_process_0(found is not None):
+    if found is None:
+      raise RuntimeError(f"process {jax.process_index()} does not see the throughput point "
+                         f"{spec.point_id} that process 0 read in {workdir}: the workdir must "
+                         "be one filesystem shared by every process (NFS, GCS)")
+    return found
   point = (measure_fn or measure)(spec, cache=cache, log=log)
   if jax.process_index() == 0:
     results.append_row(workdir, point, results.THROUGHPUT_FILE)

@@ -35,7 +35,7 @@ import numpy as np
 
 from batchbench.analysis.noise import NoiseScale
 from batchbench.config import TrialSpec
-from batchbench.core import optim
+from batchbench.core import distributed, optim
 from batchbench.core.program import MAX_IN_FLIGHT, Program, ProgramCache, build
 from batchbench.measure.memory import PeakTracker
 from batchbench.measure.timing import BUCKETS, TimeLedger, Window, WindowTimer
@@ -283,7 +283,8 @@ class Trial:
       done = "ok" if spec.target is None or loop.to_target else "target_not_reached"
       if spec.max_steps and loop.step >= spec.max_steps:
         loop.status = done
-      elif spec.max_seconds and self.ledger.seconds["train"] >= spec.max_seconds:
+      elif spec.max_seconds and distributed.agree_any(
+          self.ledger.seconds["train"] >= spec.max_seconds):  # clocks differ by process
         loop.status = done
       if self.clock() - last_log >= PROGRESS_EVERY_S or loop.status:
         last_log = self.clock()

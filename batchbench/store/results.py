@@ -7,15 +7,31 @@
 
 A line is written whole with one ``write`` on a file opened for appending and
 fsynced before the next one, so a kill leaves at most one torn last line, which
-readers skip; several processes appending to one file (a sweep split across
-hosts) never interleave within a line. When a key appears more than once, the
-last row wins.
+readers skip. When a key appears more than once, the last row wins.
+
+Several processes append to one file when a sweep is split across hosts
+(``sweep --shard``), so every append holds an exclusive ``flock`` on the file
+itself. On a local filesystem ``O_APPEND`` alone would keep lines whole, but on
+NFS it does not (the client writes at the size it last saw, so two hosts can
+overwrite each other's line), and the check for a torn tail before the write is
+a read-then-write. The lock makes the append one step on every filesystem whose
+locks hold across hosts (NFS, Lustre with ``-o flock``, GPFS, CephFS); where
+locks are not supported at all the append goes on unlocked, as before. Readers
+take no lock: a line being written is a torn line to them and is read next time.
+``file_lock`` is the same lock for other read-modify-write steps (the sweep's
+per-point, LR-search and report locks, ``runs.shard``). Atomic writes go through a
+temporary name unique to the host and process, then ``os.replace``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import socket
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from batchbench.fmt import to_jsonable
@@ -25,28 +41,64 @@ THROUGHPUT_FILE = "throughput.jsonl"
 LR_SEARCH_FILE = "lr_search.jsonl"  # why each batch's LR search stopped (runs.lr_search)
 KEYS = {RESULTS_FILE: "trial_id", THROUGHPUT_FILE: "point_id"}
 STATUSES = ("ok", "target_not_reached", "diverged", "oom", "error")
+# flock errors that mean "this filesystem has no locks", not "someone holds it".
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+def _lock(fd: int, *, required: bool) -> None:
+  """An exclusive ``flock`` on ``fd``, released when it is closed; blocks until held."""
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+  except OSError as e:
+    if required or e.errno not in NO_LOCKS:
+      raise
+
+
+@contextlib.contextmanager
+def file_lock(path: str, *, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+  """Holds an exclusive lock on ``path`` (created if missing) for the ``with`` block.
+
+  The lock is the kernel's (``flock``): it is released when the holder exits or is
+  killed, so a crashed process never leaves a stale lock behind.
+
+  Args:
+    path: the lock file.
+    on_wait: called once, with no argument, if another process holds the lock (before
+      blocking until it is released).
+
+  Raises:
+    OSError: the filesystem has no working locks.
+  """
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      if on_wait is not None:
+        on_wait()
+      _lock(fd, required=True)
+    yield
+  finally:
+    os.close(fd)
 
 
 def append_jsonl(path: str, row: dict[str, Any]) -> None:
-  """Appends one JSON object to ``path`` durably (one write, then fsync).
+  """Appends one JSON object to ``path`` durably (one write under the file's lock, then
+  fsync).
 
   A torn tail left by an earlier kill is first closed with a newline so that the
   new row starts on a line of its own.
   """
   line = json.dumps(to_jsonable(row), sort_keys=True, allow_nan=False)
-  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
   try:
+    _lock(fd, required=False)
     size = os.fstat(fd).st_size
-    prefix = ""
-    if size:
-      with open(path, "rb") as f:
-        f.seek(size - 1)
-        if f.read(1) != b"\n":
-          prefix = "\n"
+    prefix = "\n" if size and os.pread(fd, 1, size - 1) != b"\n" else ""
     os.write(fd, (prefix + line + "\n").encode())
     os.fsync(fd)
   finally:
-    os.close(fd)
+    os.close(fd)  # releases the lock
 
 
 def read_jsonl(path: str, key: str | None = None) -> list[dict[str, Any]]:
@@ -87,9 +139,14 @@ def read_points(workdir: str) -> list[dict[str, Any]]:
   return read_jsonl(os.path.join(workdir, THROUGHPUT_FILE), KEYS[THROUGHPUT_FILE])
 
 
+def _tmp_path(path: str) -> str:
+  """A temporary name beside ``path``, unique across the hosts sharing the workdir."""
+  return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+
+
 def atomic_write_text(path: str, text: str) -> None:
   """Writes ``text`` to ``path`` so that readers see the old or the new file."""
-  tmp = f"{path}.tmp.{os.getpid()}"
+  tmp = _tmp_path(path)
   with open(tmp, "w", encoding="utf-8") as f:
     f.write(text)
     f.flush()
@@ -99,7 +156,7 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
   """``atomic_write_text`` for bytes (PNG plots)."""
-  tmp = f"{path}.tmp.{os.getpid()}"
+  tmp = _tmp_path(path)
   with open(tmp, "wb") as f:
     f.write(data)
     f.flush()
