@@ -5,13 +5,17 @@
   batchbench sweep --config=configs/resnet18_cifar10.py:bn_group=per_device --workdir=/tmp/s
   batchbench trial --config=configs/resnet18_cifar10.py:data=synthetic,batch=64 --workdir=/tmp/t
 
-CIFAR-10 must be prepared as ArrayRecord in data_dir (docs/workloads.md); the sources
-open when the trial starts, not when the config is read. Training images are cropped
-(4-pixel padding) and flipped on the device.
+CIFAR-10 must be prepared as ArrayRecord in data_dir (README, "Embedded or host-fed data");
+the sources open when the trial starts, not when the config is read. Training images are
+cropped (4-pixel padding) and flipped on the device.
 
 Arg string keys: batch, rule (none|linear|sqrt), data (tfds|synthetic), target (test
 accuracy), bn_group (global|per_device), dtype (float32|bfloat16), steps (synthetic budget).
+Overridable workload options: --config.workload_options.data_dir=DIR (TFDS data_dir; unset:
+$TFDS_DATA_DIR or ~/tensorflow_datasets) and --config.workload_options.remat=True.
 """
+
+from ml_collections import config_dict
 
 from batchbench.config import default_config, parse_arg
 from batchbench.workloads import resnet  # noqa: F401  (registers resnet18_cifar10)
@@ -26,6 +30,9 @@ def get_config(arg=None):
   c.workload = "resnet18_cifar10"
   c.workload_options.data = arg.data
   c.workload_options.bn_group = arg.bn_group
+  c.workload_options.remat = False
+  if arg.data == "tfds":
+    c.workload_options.data_dir = config_dict.placeholder(str)
   c.compute_dtype = arg.dtype
   c.global_batch = arg.batch
   # One step per call, no loop: XLA on CPU runs convolution gradients inside a loop body

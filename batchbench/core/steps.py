@@ -4,8 +4,9 @@ One *train call* runs ``num_steps`` optimizer steps, a runtime value up to its
 compiled maximum K (``steps_per_call``), in a ``lax.fori_loop``, so that small
 models are not bound by Python dispatch, while a trial can still stop at any step
 (an eval, the budget, a checkpoint) with the same executable the throughput phase
-runs full. With K = 1 the call is the step itself, without a loop. Each step accumulates gradients over ``accum_steps`` micro-batches (an
-inner ``lax.scan``) of loss *sums*, divided by the total example count, so the
+runs full. With K = 1 the call is the step itself, without a loop. Each step
+accumulates gradients over ``accum_steps`` micro-batches (an inner ``lax.scan``; no
+loop for one) of loss *sums*, divided by the total example count, so the
 update equals the update on the whole global batch. The model state (BatchNorm
 statistics) threads through the micro-batches; each micro-batch gets its own key,
 ``fold_in(fold_in(state.rng, step), i)``. Parameters are replicated and the batch
@@ -164,9 +165,13 @@ def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransforma
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     accum = jax.tree.leaves(step_feed)[0].shape[0]
-    (grads, loss_sum, count, model_state, sq_small), _ = jax.lax.scan(
-        accumulate, (zeros, 0.0, 0.0, state.model_state, 0.0),
-        (jnp.arange(accum), step_feed))
+    carry = (zeros, 0.0, 0.0, state.model_state, 0.0)
+    if accum == 1:  # no loop (see train_call: convolution gradients in loop bodies)
+      (grads, loss_sum, count, model_state, sq_small), _ = accumulate(
+          carry, (jnp.int32(0), jax.tree.map(lambda a: a[0], step_feed)))
+    else:
+      (grads, loss_sum, count, model_state, sq_small), _ = jax.lax.scan(
+          accumulate, carry, (jnp.arange(accum), step_feed))
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -155,8 +155,13 @@ def format_rate(point: dict[str, Any]) -> str:
   if rate is None:
     return "no timed windows"
   mark = "" if n >= MIN_TRUSTED_WINDOWS else f" [only {n} window(s): not a median]"
-  spread = f"IQR {iqr[0]:,.0f}-{iqr[1]:,.0f}, " if iqr else ""
-  return f"{rate:,.0f} samples/s ({spread}{n} windows){mark}"
+  spread = f"IQR {_rate(iqr[0])}-{_rate(iqr[1])}, " if iqr else ""
+  return f"{_rate(rate)} samples/s ({spread}{n} windows){mark}"
+
+
+def _rate(x: float) -> str:
+  """Whole samples/s, or 3 significant digits below 100 (a ResNet-50 on a CPU)."""
+  return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def ensure_point(spec: TrialSpec, workdir: str, *, cache: ProgramCache | None = None,
