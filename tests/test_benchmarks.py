@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+import gns_cost  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import overhead  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import real_workloads  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import sweep_compile  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -101,3 +102,17 @@ def test_real_workloads_benchmark_runs_end_to_end(capsys):
   assert number(lm[5]) == pytest.approx(number(lm[4]) * seq_len, abs=seq_len)
   assert rows["resnet18/host"][5] == "-"
   assert "SUMMARY: harness / hand loop, paired" in out
+
+
+def test_gns_cost_benchmark_compares_the_same_step_with_and_without_the_noise_scale(capsys):
+  on, off = gns_cost.specs(dict(gns_cost.CASES[0][1]), windows=3)
+  assert (on.gns_source, off.gns_source) == ("groups", None)
+  assert on.program_key != off.program_key and on.global_batch == off.global_batch
+  assert gns_cost.main(["--quick", "--windows", "3"]) == 0
+  out = capsys.readouterr().out
+  [row] = [line for line in out.splitlines() if line.startswith(gns_cost.CASES[0][0])]
+  fields = row[len(gns_cost.CASES[0][0]):].split()
+  assert fields[0] == "groups" and fields[1] == "x8"
+  paired, pairs = float(fields[6]), int(fields[8])
+  assert 0.2 < paired < 5.0 and pairs >= 3 * 2  # 2 repeats of at least 3 window pairs
+  assert "cost = 1 - paired" in out

@@ -17,7 +17,7 @@ from batchbench.config import ConfigError
 from batchbench.core.mesh import make_mesh
 from batchbench.measure.memory import device_budget_bytes
 from batchbench.report import probe_text
-from batchbench.runs import probe
+from batchbench.runs import probe, probe_ladder
 
 
 def tiny_config():
@@ -141,7 +141,7 @@ def fixture_probed(tmp_path_factory):
 
   live_before = {id(a) for a in jax.live_arrays()}
   with pytest.MonkeyPatch.context() as patch, jax.transfer_guard("disallow_explicit"):
-    patch.setattr(probe, "build", watched_build)
+    patch.setattr(probe_ladder, "build", watched_build)
     first = probe.run_probe(config, workdir, memory_budget_bytes=2**30, max_batch=512,
                             min_batch=256, cache=cache, measure=False, log=None)
   new_arrays = [a for a in jax.live_arrays() if id(a) not in live_before]
@@ -375,7 +375,7 @@ def test_given_peak_gives_mfu_and_no_note(tmp_path):
 
 # --- remat: the largest batch with and without, under the same budget -------------------
 
-class CurveProber(probe._Prober):  # pylint: disable=protected-access
+class CurveProber(probe.Prober):
   """A prober whose compiles read a given memory curve per remat setting (no XLA)."""
 
   def __init__(self, curves, budget, batches, unit):
@@ -443,7 +443,7 @@ def test_remat_probe_of_a_tiny_transformer(tmp_path):
     return real_build(spec, **kwargs)
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(probe, "build", watched_build)
+    patch.setattr(probe_ladder, "build", watched_build)
     result = probe.run_probe(tiny_lm_config(), str(tmp_path), memory_budget_bytes=2**30,
                              min_batch=16, max_batch=16, log=lines.append)
   assert sorted(built) == [(16, False), (16, True)]  # one compile each, reused for timing
