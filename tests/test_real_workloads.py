@@ -105,6 +105,9 @@ def test_transformer_lm_trains_through_the_harness_on_pysrc(lm_cache):
   assert last < first - 0.4  # ... then it learns the bytes of Python source
   for h in row["eval_history"]:
     assert h["metrics"]["bpb"] == pytest.approx(h["metrics"]["loss"] / math.log(2), rel=1e-5)
+  # tokens/s: samples/s (the rate the row's MFU is taken at) x seq_len.
+  assert row["tokens_per_example"] == 16 and row["mfu_basis"] == "trial_loop"
+  assert row["tokens_per_sec"] == pytest.approx(16 * row["loop_samples_per_sec"])
 
 
 # --- ResNet: batch statistics, ghost batch norm, augmentation ---------------------------

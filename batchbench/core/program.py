@@ -39,6 +39,7 @@ from batchbench.measure import mfu
 from batchbench.measure.flops import cost_flops
 from batchbench.measure.memory import compiled_memory
 from batchbench.workloads import Workload, get_workload
+from batchbench.workloads.base import tokens_per_example
 
 
 # At most this many train calls are in flight (dispatched, not finished) at once: callers
@@ -216,9 +217,16 @@ class Program:
 
   def utilization(self, samples_per_sec: float | None) -> dict[str, Any]:
     """The row fields of model FLOPs per example (analytic, else XLA's count of this
-    program's step), TFLOP/s per device at ``samples_per_sec``, and MFU."""
+    program's step), TFLOP/s per device at ``samples_per_sec``, MFU, and for a language
+    model tokens per example and tokens/s."""
     flops, source = mfu.model_flops(self.workload.flops_per_example, self.flops_per_step,
                                     self.spec.global_batch)
+    tokens = tokens_per_example(self.workload)
+    return {"tokens_per_example": tokens,
+            "tokens_per_sec": tokens * samples_per_sec if tokens and samples_per_sec else None,
+            **self._mfu(flops, source, samples_per_sec)}
+
+  def _mfu(self, flops, source, samples_per_sec) -> dict[str, Any]:
     return mfu.utilization(flops_per_example=flops, flops_source=source,
                            samples_per_sec=samples_per_sec,
                            num_devices=self.spec.num_devices,

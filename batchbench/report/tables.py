@@ -10,7 +10,8 @@ from batchbench.report.recommend import MIN_TRUSTED_WINDOWS, lr_text
 
 Row = dict[str, Any]
 UTILIZATION_FIELDS = ("model_flops_per_example", "model_flops_source",
-                      "tflops_per_sec_per_device", "peak_tflops", "peak_source", "mfu")
+                      "tflops_per_sec_per_device", "peak_tflops", "peak_source", "mfu",
+                      "tokens_per_sec")
 
 
 def _final_metric(row: Row) -> tuple[str | None, float | None]:
@@ -152,6 +153,7 @@ def summary_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[s
       ("search", lambda r: f"{r['lr_search'] or '-'} ({r['lrs_tried']} LRs)"),
       ("seeds", lambda r: f"{r['seeds_reached']}/{r['seeds_at_lr']}"),
       ("samples/sec", rate_text),
+      ("tokens/s", lambda r: fmt.number(r.get("tokens_per_sec"))),
       ("IQR", lambda r: "-" if r["samples_per_sec_q25"] is None else
        f"{fmt.number(r['samples_per_sec_q25'])}–{fmt.number(r['samples_per_sec_q75'])}"),
       ("windows", lambda r: fmt.number(r["timed_windows"])),
@@ -170,8 +172,9 @@ def summary_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[s
       ("B_simple", lambda r: fmt.number(r["b_simple"])),
       ("status", lambda r: r["status"]),
   ]
-  for name, key in (("device peak", "device_peak_bytes"), ("B_simple", "b_simple")):
-    if all(r[key] is None for r in records):
+  for name, key in (("device peak", "device_peak_bytes"), ("B_simple", "b_simple"),
+                    ("tokens/s", "tokens_per_sec")):
+    if all(r.get(key) is None for r in records):
       columns = [c for c in columns if c[0] != name]
   return [c[0] for c in columns], [[f(r) for _, f in columns] for r in records]
 

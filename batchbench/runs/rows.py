@@ -44,6 +44,8 @@ tflops_per_sec_per_device  model FLOPs x samples/sec / devices, in TFLOP/s
 peak_tflops, peak_source   the device's dense peak for compute_dtype and where it came
                            from (the table, or --config.peak_tflops)
 mfu                        tflops_per_sec_per_device / peak_tflops; None without a peak
+tokens_per_example,        a language model's tokens per example (seq_len) and
+tokens_per_sec             samples/sec x it, at the same rate as the MFU; else None
 mfu_basis                  the rate it is taken at: throughput_point (the batch's
                            throughput phase) or trial_loop (the trial's own windows)
 final_eval                 {metric: value} of the last eval (test set)
@@ -141,6 +143,7 @@ def make_row(spec: TrialSpec, *, status: str, ledger: TimeLedger | None = None,
       "memory": None, "flops_per_step": None, "model_flops_per_example": None,
       "model_flops_source": None, "tflops_per_sec_per_device": None, "peak_tflops": None,
       "peak_source": None, "mfu": None, "mfu_basis": None,
+      "tokens_per_example": None, "tokens_per_sec": None,
       "final_eval": history[-1]["metrics"] if history else None,
       "final_train_eval": history[-1].get("train_metrics") if history else None,
       "final_train_loss": None,

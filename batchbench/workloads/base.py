@@ -203,3 +203,16 @@ def get_workload(name: str, options: Mapping[str, Any] | None = None) -> Workloa
 __all__ = ["ArrayData", "Batch", "HostData", "LossOutput", "Metric", "Target", "Workload",
            "get_workload",
            "register_workload", "workload_names", "workload_options"]
+
+
+def tokens_per_example(workload: Workload) -> int | None:
+  """Tokens one example trains on (``seq_len`` for a language model), or None.
+
+  A language model's ``example_spec`` has integer ``targets`` of shape (seq_len,);
+  tokens/s is samples/s times this.
+  """
+  targets = workload.example_spec.get("targets")
+  if (targets is None or len(targets.shape) != 1
+      or not jax.numpy.issubdtype(targets.dtype, jax.numpy.integer)):
+    return None
+  return int(targets.shape[0])

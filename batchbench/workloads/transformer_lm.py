@@ -40,7 +40,8 @@ from batchbench.data.arrays import MASK, ArrayData
 from batchbench.data.host import open_source
 from batchbench.models.transformer import TransformerLM, transformer_flops_per_token
 from batchbench.workloads.base import (HostData, LossOutput, Metric, Target, Workload,
-                                       register_workload)
+                                       register_workload,
+                                       tokens_per_example)  # noqa: F401  (re-exported)
 from batchbench.workloads.options import choice, compute_dtype
 
 LM_METRICS = {"bpb": Metric(0.0, float("inf"), "min"),
@@ -57,16 +58,6 @@ PYSRC_TARGET = Target("bpb", 2.7, "min")
 # Training texts of TFDS datasets whose size is known without opening them.
 TFDS_TRAIN_SIZES = {"lm1b": 30_301_028}
 LN2 = math.log(2.0)
-
-
-def tokens_per_example(workload: Workload) -> int | None:
-  """Tokens one example trains on (``seq_len`` for an LM workload), or None.
-
-  An LM workload's ``example_spec`` has ``targets`` of shape (seq_len,); tokens/s is
-  samples/s times this.
-  """
-  targets = workload.example_spec.get("targets")
-  return int(targets.shape[0]) if targets is not None and len(targets.shape) == 1 else None
 
 
 @functools.lru_cache(maxsize=4)
