@@ -152,12 +152,14 @@ def test_a_killed_peer_is_named_within_the_bound_and_a_rerun_resumes(reference, 
   assert f"resumed from step {saved[-1]}" in out[0][1]
   [row] = rows(tmp_path)
   assert_same_results(reference, row)
-  # Bitwise the uninterrupted 2-process trial's (host-fed: the same batches, the same
-  # layout, the same all-reduces).
+  # Training bitwise the uninterrupted 2-process trial's (host-fed: the same batches, the
+  # same layout, the same all-reduces): the same last train loss to the bit. (Its eval
+  # losses are summed over chunks on the host, which rounds at 1e-7.)
   uninterrupted, _ = two_host_fed
-  assert [h["metrics"] for h in row["eval_history"]] == [
-      h["metrics"] for h in uninterrupted["eval_history"]]
   assert row["final_train_loss"] == uninterrupted["final_train_loss"]
+  for a, b in zip(row["eval_history"], uninterrupted["eval_history"], strict=True):
+    assert a["metrics"]["accuracy"] == b["metrics"]["accuracy"]
+    assert a["metrics"]["loss"] == pytest.approx(b["metrics"]["loss"], rel=1e-6)
 
 
 def test_sweep_on_two_processes_writes_the_rows_of_one(tmp_path):
