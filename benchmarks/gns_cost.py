@@ -77,8 +77,7 @@ def specs(fields: dict, windows: int) -> tuple[bb_config.TrialSpec, bb_config.Tr
 
 def window_rates(point: dict) -> list[float]:
   """Samples/sec of each timed window of a throughput point."""
-  examples = point["calls_per_window"] * point["steps_per_call"] * point["global_batch"]
-  return [examples / s for s in point["window_seconds"]]
+  return [w.examples / w.seconds for w in throughput.windows_of(point)]
 
 
 def run_case(fields: dict, repeats: int, windows: int) -> dict:

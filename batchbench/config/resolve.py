@@ -259,6 +259,7 @@ def _throughput_settings(c) -> dict[str, float | int]:
 
 GNS_MODES = ("auto", "groups", "off")
 _HAS_STATE: dict[str, bool] = {}
+_HAS_CONV: dict[str, bool] = {}
 
 
 def _has_model_state(workload) -> bool:
@@ -285,15 +286,15 @@ def _loops_slow_it(workload) -> bool:
   from batchbench.data.arrays import MASK  # pylint: disable=g-import-not-at-top
   if jax.default_backend() != "cpu":
     return False
-  key = repr((workload.name, workload.example_spec, "conv"))
-  if key not in _HAS_STATE:
+  key = repr((workload.name, workload.example_spec))
+  if key not in _HAS_CONV:
     def loss():
       params, model_state = workload.init(jax.random.key(0), workload.batch_spec(1))
       batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in workload.batch_spec(2).items()}
       batch[MASK] = jnp.ones((2,), jnp.float32)
       return workload.loss(params, model_state, batch, jax.random.key(1)).loss_sum
-    _HAS_STATE[key] = "conv_general_dilated" in str(jax.make_jaxpr(loss)())
-  return _HAS_STATE[key]
+    _HAS_CONV[key] = "conv_general_dilated" in str(jax.make_jaxpr(loss)())
+  return _HAS_CONV[key]
 
 
 def _noise_scale(c, workload, num_devices: int, accum_steps: int,

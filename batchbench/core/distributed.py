@@ -132,10 +132,6 @@ def initialize(log=print) -> None:
   start_watchdog()
 
 
-def peer_timeout() -> float:
-  return _PEER_TIMEOUT.value
-
-
 def agree_any(flag: bool) -> bool:
   """True on every process when ``flag`` is True on any (one tiny all-gather)."""
   import jax  # pylint: disable=g-import-not-at-top

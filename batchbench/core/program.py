@@ -216,23 +216,9 @@ class Program:
     return self.train(state, self.data, feed, np.int32(n))
 
   def utilization(self, samples_per_sec: float | None) -> dict[str, Any]:
-    """The row fields of model FLOPs per example (analytic, else XLA's count of this
-    program's step), TFLOP/s per device at ``samples_per_sec``, MFU, and for a language
-    model tokens per example and tokens/s."""
-    flops, source = mfu.model_flops(self.workload.flops_per_example, self.flops_per_step,
-                                    self.spec.global_batch)
-    tokens = tokens_per_example(self.workload)
-    return {"tokens_per_example": tokens,
-            "tokens_per_sec": tokens * samples_per_sec if tokens and samples_per_sec else None,
-            **self._mfu(flops, source, samples_per_sec)}
-
-  def _mfu(self, flops, source, samples_per_sec) -> dict[str, Any]:
-    return mfu.utilization(flops_per_example=flops, flops_source=source,
-                           samples_per_sec=samples_per_sec,
-                           num_devices=self.spec.num_devices,
-                           device_kind=self.mesh.devices.flat[0].device_kind,
-                           compute_dtype=self.spec.compute_dtype,
-                           peak_override=self.spec.peak_tflops)
+    """``utilization`` of this program at ``samples_per_sec``."""
+    return utilization(self.workload, self.spec, self.flops_per_step,
+                       self.mesh.devices.flat[0].device_kind, samples_per_sec)
 
   def host_data(self) -> Any:
     """The workload's ``HostData``, opened once per program."""
@@ -300,6 +286,22 @@ class Program:
         total[name] = total.get(name, 0.0) + float(value)
     count = total.pop("count")
     return {name: value / count for name, value in total.items()}
+
+
+def utilization(workload: Workload, spec: TrialSpec, flops_per_step: float | None,
+                device_kind: str, samples_per_sec: float | None) -> dict[str, Any]:
+  """The row fields of model FLOPs per example (analytic, else XLA's count of the step,
+  ``flops_per_step``), TFLOP/s per device at ``samples_per_sec``, MFU, and for a language
+  model tokens per example and tokens/s."""
+  flops, source = mfu.model_flops(workload.flops_per_example, flops_per_step,
+                                  spec.global_batch)
+  tokens = tokens_per_example(workload)
+  return {"tokens_per_example": tokens,
+          "tokens_per_sec": tokens * samples_per_sec if tokens and samples_per_sec else None,
+          **mfu.utilization(flops_per_example=flops, flops_source=source,
+                            samples_per_sec=samples_per_sec, num_devices=spec.num_devices,
+                            device_kind=device_kind, compute_dtype=spec.compute_dtype,
+                            peak_override=spec.peak_tflops)}
 
 
 def _host_init(workload: Workload, tx, seed: int, lr: float) -> TrainState:

@@ -15,10 +15,9 @@ import jax
 import ml_collections
 
 from batchbench.config import TrialSpec, resolve
-from batchbench.core.program import Program, build
+from batchbench.core.program import Program, build, utilization
 from batchbench.data import placement
 from batchbench.fmt import format_bytes
-from batchbench.measure import mfu
 from batchbench.runs import throughput
 
 Log = Callable[[str], None]
@@ -156,13 +155,9 @@ class Prober:
 
   def utilization(self, spec: TrialSpec, point: dict[str, Any],
                   samples_per_sec: float | None) -> dict[str, Any]:
-    """The point's FLOPs and MFU fields at ``samples_per_sec`` (``measure.mfu``)."""
-    flops, source = mfu.model_flops(self.workload.flops_per_example, point["flops_per_step"],
-                                    spec.global_batch)
-    return mfu.utilization(flops_per_example=flops, flops_source=source,
-                           samples_per_sec=samples_per_sec, num_devices=spec.num_devices,
-                           device_kind=self.mesh.devices.flat[0].device_kind,
-                           compute_dtype=spec.compute_dtype, peak_override=spec.peak_tflops)
+    """The point's FLOPs and MFU fields at ``samples_per_sec``."""
+    return utilization(self.workload, spec, point["flops_per_step"],
+                       self.mesh.devices.flat[0].device_kind, samples_per_sec)
 
   def time(self, ladder: Ladder, batch: int) -> None:
     """Times ``ladder``'s point at ``batch`` (it fits) with the throughput phase."""

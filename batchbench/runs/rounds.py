@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from batchbench import fmt
 from batchbench.config import TrialSpec
+from batchbench.core import distributed
 from batchbench.runs import lr_search
 from batchbench.runs import shard as shard_lib
 from batchbench.store import results
@@ -71,7 +72,7 @@ class Rounds:
     if index < 0 and self.run.shard.split:
       self.run.refresh()
       index = self._complete(batches)
-    return shard_lib.agree(index)  # once per call: every process calls it as often
+    return distributed.from_process_0(index)  # once per call: every process calls it as often
 
   def advance(self, batches: list[BatchSearch]) -> None:
     """Takes every round whose rows are in, earliest batch first."""
@@ -104,7 +105,7 @@ class Rounds:
         timeout = None
       except shard_lib.ShardTimeout as e:
         timeout = e
-      if shard_lib.any_process(timeout is not None):  # all processes give up together
+      if distributed.agree_any(timeout is not None):  # all processes give up together
         raise timeout or shard_lib.ShardTimeout(
             f"shard {run.shard.label}: another process of this shard gave up waiting")
 

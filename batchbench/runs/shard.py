@@ -34,8 +34,8 @@ sweep command on one shared workdir, each with its own ``--shard=I/N``. I is 0-b
   last one to end writes the report.
 
 Within a shard of several JAX processes (a multi-host shard), process 0 holds the
-locks and decides which round to take next (``agree``); the others follow it, so all
-its processes run the same calls.
+locks and decides which round to take next (``distributed.from_process_0``); the
+others follow it, so all its processes run the same calls.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ from collections.abc import Callable, Iterator, Sequence
 
 from batchbench import fmt
 from batchbench.config import ConfigError
-from batchbench.core import distributed
 from batchbench.store import results
 
 LOCK_DIR = "locks"
@@ -129,15 +128,6 @@ def process_index() -> int:
   import jax  # pylint: disable=g-import-not-at-top
   return jax.process_index()
 
-
-def agree(value: int) -> int:
-  """``value`` as process 0 of this shard has it (all its processes must take one path)."""
-  return distributed.from_process_0(value)
-
-
-def any_process(flag: bool) -> bool:
-  """True on every process of this shard when ``flag`` is True on any."""
-  return distributed.agree_any(flag)
 
 
 def barrier(name: str) -> None:
