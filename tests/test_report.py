@@ -467,7 +467,14 @@ def test_throughput_only_workload_renders(tmp_path):
   assert f"global batch 128 runs the most samples/sec ({sps[128]:,.0f}" in rec["text"]
   # 64 and 128 run less than 10% faster than 32; 32 runs 58% faster than 16.
   (flat,) = [w for w in rec["warnings"] if "plateaus" in w]
-  assert flat.startswith("Throughput plateaus at batch 32 (3,000 samples/sec): batches 64, 128")
+  assert flat.startswith("Throughput plateaus at batch 32 (3,000 samples/sec): batches 64, 128 "
+                         "run less than 10% faster, so they only pay off")
+  # One batch beyond the plateau reads in the singular.
+  one = [r for r in rows if r["global_batch"] <= 64]
+  (flat,) = [w for w in recommend.recommend(one, best_per_batch(one, points), points)[
+      "warnings"] if "plateaus" in w]
+  assert flat.startswith("Throughput plateaus at batch 32 (3,000 samples/sec): batch 64 runs "
+                         "less than 10% faster, so it only pays off if it cuts steps")
   os.makedirs(tmp_path / "report")
   (tmp_path / "report" / "time_to_target.png").write_bytes(b"stale plot")
   paths = render.write_report(str(tmp_path))["paths"]

@@ -103,9 +103,12 @@ def warnings(rows: list[Row], best: list[Row], points: list[Row]) -> list[str]:
   flat = plateau(best)
   if flat:
     batch, sps, beyond = flat
-    out.append(f"Throughput plateaus at batch {batch} ({sps:,.0f} samples/sec): batches "
-               f"{', '.join(map(str, beyond))} run less than {PLATEAU_GAIN - 1:.0%} "
-               "faster, so they only pay off if they cut steps to target.")
+    many = len(beyond) > 1
+    out.append(f"Throughput plateaus at batch {batch} ({sps:,.0f} samples/sec): "
+               f"{'batches' if many else 'batch'} {', '.join(map(str, beyond))} "
+               f"{'run' if many else 'runs'} less than {PLATEAU_GAIN - 1:.0%} faster, so "
+               f"{'they only pay' if many else 'it only pays'} off if "
+               f"{'they cut' if many else 'it cuts'} steps to target.")
   thin = [str(b["global_batch"]) for b in best if b.get("point")
           and b["timed_windows"] < MIN_TRUSTED_WINDOWS]
   if thin:
