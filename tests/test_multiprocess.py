@@ -125,15 +125,19 @@ def test_host_fed_trial_on_two_processes_gives_the_results_of_one(reference, two
   assert "[distributed] process 1 of 2: 4 local of 8 devices" in out[1][1]
 
 
-def test_a_killed_peer_is_named_within_the_bound_and_a_rerun_resumes(reference, two_host_fed,
-                                                                    tmp_path):
-  args = ["trial", f"{TRIAL[0]}:pipeline=device", *TRIAL[1:]]
-  procs = launch(args, tmp_path, 2)
+GLOO_ABORT = "gloo::EnforceNotMet"  # README, Limitations: gloo, not the watchdog, ends it
+ATTEMPTS = 3
+
+
+def kill_a_peer_after_the_first_checkpoint(args, workdir) -> tuple[int, str, float, str]:
+  """Starts 2 processes, SIGKILLs process 1 once a checkpoint is committed; the survivor's
+  exit code, stderr, seconds from the kill to its exit, and the checkpoint directory."""
+  procs = launch(args, workdir, 2)
   checkpoints = None
   deadline = time.monotonic() + TIMEOUT_S
   while checkpoints is None and time.monotonic() < deadline:  # the first checkpoint
     time.sleep(0.2)
-    trials = os.path.join(tmp_path, "trials")
+    trials = os.path.join(workdir, "trials")
     for d in os.listdir(trials) if os.path.isdir(trials) else ():
       path = os.path.join(trials, d, "checkpoints")
       if os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path)):
@@ -142,15 +146,30 @@ def test_a_killed_peer_is_named_within_the_bound_and_a_rerun_resumes(reference, 
   procs[1].send_signal(signal.SIGKILL)
   killed = time.monotonic()
   [(code, _, stderr)] = finish(procs[:1])
+  return code, stderr, time.monotonic() - killed, checkpoints
+
+
+def test_a_killed_peer_is_named_within_the_bound_and_a_rerun_resumes(reference, two_host_fed,
+                                                                    tmp_path):
+  args = ["trial", f"{TRIAL[0]}:pipeline=device", *TRIAL[1:]]
+  # In about 1 of 8 runs gloo aborts the survivor the moment its peer dies (SIGABRT, a
+  # "collective mismatch" enforce inside gloo's TCP pair): a known limitation. Such a run
+  # still leaves its checkpoints intact and no row; the watchdog is then tried again on a
+  # fresh workdir, so it must name the peer in one of ATTEMPTS runs.
+  for attempt in range(ATTEMPTS):
+    workdir = tmp_path / str(attempt)
+    code, stderr, seconds, checkpoints = kill_a_peer_after_the_first_checkpoint(args, workdir)
+    assert not os.path.exists(os.path.join(workdir, "results.jsonl"))
+    if code != -signal.SIGABRT or GLOO_ABORT not in stderr:
+      break
   assert code == 5, stderr[-3000:]
-  assert time.monotonic() - killed < 10 + 15  # --peer_timeout=10, plus a beat
+  assert seconds < 10 + 15  # --peer_timeout=10, plus a beat
   assert "process 0 of 2: lost process 1" in stderr
-  assert not os.path.exists(os.path.join(tmp_path, "results.jsonl"))
   saved = sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit())
   assert saved and saved[-1] < 64
-  out = run(args, tmp_path, 2, extra=["--noquiet"])
+  out = run(args, workdir, 2, extra=["--noquiet"])
   assert f"resumed from step {saved[-1]}" in out[0][1]
-  [row] = rows(tmp_path)
+  [row] = rows(workdir)
   assert_same_results(reference, row)
   # Training bitwise the uninterrupted 2-process trial's (host-fed: the same batches, the
   # same layout, the same all-reduces): the same last train loss to the bit. (Its eval
