@@ -11,5 +11,6 @@ several versions are mixed.
 __version__ = "0.2.0"
 
 # 1: issues 1-5 (per-trial timing). 2: a throughput phase per sweep point, LR and seed as
-# runtime values of one compiled program, stateful workloads with per-step RNG.
-MEASUREMENT_VERSION = 2
+# runtime values of one compiled program, stateful workloads with per-step RNG. 3: the
+# noise scale's norms at every gns.every_steps-th step only, groups in shard_map.
+MEASUREMENT_VERSION = 3

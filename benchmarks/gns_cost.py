@@ -2,9 +2,11 @@
 
 The noise scale (B_simple, ``batchbench.analysis.noise``) is measured inside the train
 step from gradients the step computes anyway: per accumulation micro-batch, or per group
-of the batch (devices, or ``gns.groups`` splits of one device's batch). Its cost is the
-squared norms of those gradients and their moving averages. The issue's budget: at most 2%
-of step time.
+of the batch (devices, or ``gns.groups`` splits of one device's batch), at every
+``gns.every_steps``-th step (default 8; ``--every_steps`` overrides it). Its cost is the
+squared norms of those gradients and, for several groups on one device, the split into
+smaller matrix products at the measured steps. The issue's budget: at most 2% of step
+time.
 
 For each case (a workload, batch and split, and how B_simple is measured there) this runs
 the throughput phase (``runs.throughput.measure``, the figure every sweep point uses) of
@@ -17,6 +19,7 @@ windows of (on window i / off window i of the same repeat), with a 95% bootstrap
 
   .venv/bin/python benchmarks/gns_cost.py             # 3 cases, 5 repeats, about 2 minutes
   .venv/bin/python benchmarks/gns_cost.py --quick     # 1 case, 2 repeats
+  .venv/bin/python benchmarks/gns_cost.py --every_steps=1   # the norms at every step
 """
 
 from __future__ import annotations
@@ -63,11 +66,14 @@ def base_config():
   return module.get_config()
 
 
-def specs(fields: dict, windows: int) -> tuple[bb_config.TrialSpec, bb_config.TrialSpec]:
+def specs(fields: dict, windows: int,
+          every_steps: int | None = None) -> tuple[bb_config.TrialSpec, bb_config.TrialSpec]:
   """``(with the noise scale, without)`` for one case."""
   out = []
   for mode in (fields.get("gns.mode", "auto"), "off"):
     c = base_config()
+    if every_steps is not None:
+      c.gns.every_steps = every_steps
     c.update_from_flattened_dict({**fields, "gns.mode": mode, "max_steps": 64,
                                   "target_metric": "none", "throughput.min_windows": windows,
                                   "throughput.min_seconds": windows * 0.25})
@@ -80,8 +86,8 @@ def window_rates(point: dict) -> list[float]:
   return [w.examples / w.seconds for w in throughput.windows_of(point)]
 
 
-def run_case(fields: dict, repeats: int, windows: int) -> dict:
-  on, off = specs(fields, windows)
+def run_case(fields: dict, repeats: int, windows: int, every_steps: int | None) -> dict:
+  on, off = specs(fields, windows, every_steps)
   if on.gns_source is None:
     return {"source": None, "note": on.gns_note}
   cache = ProgramCache()
@@ -111,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--windows", type=int, default=8)
   p.add_argument("--quick", action="store_true")
+  p.add_argument("--every_steps", type=int, default=None,
+                 help="gns.every_steps (default: the config's, 8)")
   args = p.parse_args(argv)
   cases = CASES[:1] if args.quick else CASES
   repeats = 2 if args.quick else args.repeats
@@ -120,12 +128,15 @@ def main(argv: list[str] | None = None) -> int:
   print(f"# {env['machine']}, {env['cpus']} CPUs ({env['usable_cpus']} usable), load "
         f"{overhead._show_load(env['loadavg'])}; jax {env['jax']} {env['backend']} "
         f"({env['device_count']} x {env['device_kind']})")  # pylint: disable=protected-access
-  print(f"# digits_mlp 64-256-256-10, SGD, batch 1024; throughput phases of >= "
-        f"{args.windows} windows, {repeats} repeats each way, alternating")
+  every = args.every_steps or base_config().gns.every_steps
+  when = "every step" if every == 1 else f"one step in {every}"
+  print(f"# digits_mlp 64-256-256-10, SGD, batch 1024; the norms at {when} "
+        f"(gns.every_steps={every}); throughput phases of >= {args.windows} windows, "
+        f"{repeats} repeats each way, alternating")
   print(f"{'case':34s} {'source':>13s} {'on/s':>10s} {'off/s':>10s} {'ratio':>6s} "
         f"{'range':>11s} {'paired':>7s} {'95% CI':>13s} {'pairs':>5s} {'cost':>6s}")
   for name, fields in cases:
-    res = run_case(fields, repeats, args.windows)
+    res = run_case(fields, repeats, args.windows, args.every_steps)
     if res["source"] is None:
       print(f"{name:34s} not measured here: {res['note']}")
       continue

@@ -108,6 +108,8 @@ def test_gns_cost_benchmark_compares_the_same_step_with_and_without_the_noise_sc
   on, off = gns_cost.specs(dict(gns_cost.CASES[0][1]), windows=3)
   assert (on.gns_source, off.gns_source) == ("groups", None)
   assert on.program_key != off.program_key and on.global_batch == off.global_batch
+  every_step, _ = gns_cost.specs(dict(gns_cost.CASES[0][1]), windows=3, every_steps=1)
+  assert (on.gns_every, every_step.gns_source, every_step.gns_every) == (8, "groups", 1)
   assert gns_cost.main(["--quick", "--windows", "3"]) == 0
   out = capsys.readouterr().out
   [row] = [line for line in out.splitlines() if line.startswith(gns_cost.CASES[0][0])]

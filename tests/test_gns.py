@@ -77,6 +77,31 @@ def test_measuring_the_noise_scale_does_not_change_training():
   assert "gns.mode=off" in off["gns_note"]
 
 
+@pytest.mark.parametrize("overrides", [
+    {"num_devices": 4},  # groups: the plain step between measured ones
+    {"num_devices": 1, "accum_steps": 2},  # micro-batches
+])
+def test_the_norms_are_taken_at_every_nth_step_only(overrides):
+  every = {"gns.every_steps": 3, "steps_per_call": 8}
+  spec = resolve(digits(**overrides, **every), 8)
+  assert spec.gns_every == 3
+  program = build(spec, flops=False)
+  _, metrics = program.run(program.init_state(spec.seed, spec.lr), program.feed(spec.seed)(0))
+  for name in ("grad_sq_small", "grad_sq_big"):
+    measured = np.isfinite(np.asarray(metrics[name]))
+    assert np.flatnonzero(measured).tolist() == [0, 3, 6], name
+  # Training is the same whichever steps are measured.
+  always = build(resolve(digits(**overrides, **{**every, "gns.every_steps": 1}), 8), flops=False)
+  _, plain = always.run(always.init_state(spec.seed, spec.lr), always.feed(spec.seed)(0))
+  np.testing.assert_allclose(metrics["loss"], plain["loss"], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(metrics["grad_sq_big"])[::3],
+                             np.asarray(plain["grad_sq_big"])[::3], rtol=1e-4)
+  # A trial's estimate counts the measured steps: 16 steps, every 3rd -> 6.
+  row = run_trial(spec, log=None)
+  assert (row["gns_every"], row["gns_steps"]) == (3, 6)
+  assert row["eval_history"][-1]["gns_steps"] == 6
+
+
 def test_no_free_source_says_so_instead_of_guessing():
   one = resolve(digits(num_devices=1), 8)
   assert one.gns_source is None and one.gns_batches is None
@@ -117,6 +142,7 @@ def test_groups_refuse_models_with_batch_statistics():
     ("gns.mode", "sometimes", "must be one of auto, groups, off"),
     ("gns.ema", 1.5, "must be a number in (0, 1)"),
     ("gns.groups", 3, "dividing the global batch 64"),
+    ("gns.every_steps", 0, "must be a positive integer"),
 ])
 def test_bad_noise_scale_settings_name_the_field(field, value, message):
   overrides = {"num_devices": 1, "gns.mode": "groups", field: value}

@@ -89,7 +89,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.gns = ml_collections.ConfigDict()
   c.gns.mode = "auto"
   c.gns.groups = 4
-  c.gns.ema = 0.95  # decay of the moving averages of |G|^2 and tr(Sigma)
+  c.gns.ema = 0.95  # decay of the moving averages of |G|^2 and tr(Sigma), per measured step
+  # Measure at steps 0, N, 2N, ... only: the norms (and, for groups on one device, the
+  # split) cost a few % of a step on CPU; every 8th step keeps that within 2%
+  # (benchmarks/gns_cost.py). 1: every step.
+  c.gns.every_steps = 8
   # The throughput phase: pure train calls per sweep point, timed in windows.
   c.throughput = ml_collections.ConfigDict()
   c.throughput.warmup_calls = 2  # discarded (the first call may still allocate)

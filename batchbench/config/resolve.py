@@ -129,6 +129,8 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
   throughput = _throughput_settings(c)
   gns_source, gns_groups, gns_note = _noise_scale(c, workload, num_devices, accum_steps,
                                                   global_batch)
+  every_steps = positive_int(c.gns.every_steps, "gns.every_steps")
+  gns_every = every_steps if gns_source else 1
 
   target = _resolve_target(c, workload)
   eval_every_steps = None if workload.synthetic else max(1, eval_every_examples // global_batch)
@@ -167,7 +169,8 @@ def resolve(config: ml_collections.ConfigDict, num_available_devices: int) -> Tr
       measurement_version=version.MEASUREMENT_VERSION,
       memory_budget_bytes=c.memory_budget_bytes,
       checkpoint_every_examples=checkpoint_every_examples, gns_source=gns_source,
-      gns_groups=gns_groups, gns_ema=float(c.gns.ema), gns_note=gns_note,
+      gns_groups=gns_groups, gns_ema=float(c.gns.ema), gns_every=gns_every,
+      gns_note=gns_note,
       stop_at_target=c.stop_at_target, compute_dtype=c.compute_dtype,
       peak_tflops=None if c.peak_tflops is None else float(c.peak_tflops))
 

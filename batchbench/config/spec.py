@@ -68,6 +68,7 @@ class TrialSpec:
   gns_source: str | None = None  # "micro_batches" | "groups" | None (not measured)
   gns_groups: int = 1  # groups a micro-batch's gradient is split into ("groups")
   gns_ema: float = 0.95
+  gns_every: int = 1  # the norms are measured at steps 0, N, 2N, ... (1 when not measured)
   gns_note: str | None = None  # why the noise scale is not measured, when it is not
   stop_at_target: bool = True
   compute_dtype: str = "float32"

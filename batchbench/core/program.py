@@ -389,7 +389,7 @@ def build(spec: TrialSpec, *, mesh: Mesh | None = None, abstract: bool = False,
   num_steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
   train = aot(steps.make_train_call(workload, mesh, tx, micro_batch=spec.micro_batch,
                                     gns=spec.gns_source, gns_groups=spec.gns_groups,
-                                    traces=traces),
+                                    gns_every=spec.gns_every, traces=traces),
               (state, _abstract(data, repl), feed, num_steps),
               (repl, repl, jax.tree.map(lambda f: f.sharding, feed), repl), repl, traces,
               donate=(0,))

@@ -15,15 +15,18 @@ is sharded along the mesh's ``data`` axis; XLA inserts the gradient all-reduce
 statistics are global by default).
 
 The gradient noise scale needs the squared norms of gradients over two batch
-sizes at every step (``analysis.noise``). They come without a second gradient:
+sizes (``analysis.noise``), taken at every ``gns_every``-th step (a ``lax.cond``
+on the step; the other steps are the plain step). They come without a second
+gradient:
 
 * ``micro_batches``: each accumulation micro-batch's gradient (B_small = the
   micro-batch) and the step's (B_big = the global batch);
-* ``groups``: the micro-batch's gradient is computed per group of examples with
-  ``vmap`` (G groups of B/G), then summed. With G = the number of devices the
-  group axis lies on the data axis, so each device computes its own group's
-  gradient, as it would its share of the sum: the same FLOPs and communication.
-  Groups need a model without cross-example state (no BatchNorm statistics).
+* ``groups``: G groups of B/G examples, G a multiple of the devices. In
+  ``jax.shard_map`` over the data axis each device computes its groups' gradients
+  (with G = the number of devices, just its own share of the batch's gradient, as the
+  plain step does) and their squared norms; one all-reduce sums both: the same FLOPs
+  and communication as without. Groups need a model without cross-example state (no
+  BatchNorm statistics).
 
 These functions only build Python callables; ``core.program`` compiles them.
 """
@@ -36,8 +39,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from batchbench.core.mesh import batch_sharding
+from batchbench.core.mesh import DATA_AXIS, batch_sharding
 from batchbench.core.state import TrainState
 from batchbench.data.arrays import MASK
 from batchbench.workloads.base import Workload
@@ -111,7 +115,7 @@ def micro_batches(workload: Workload, mesh: Mesh, micro_batch: int):
 
 def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransformation, *,
                     micro_batch: int, gns: str | None = None, gns_groups: int = 1,
-                    traces: list[int] | None = None):
+                    gns_every: int = 1, traces: list[int] | None = None):
   """The un-jitted train call ``(state, data, feed, num_steps) -> (state, metrics)``.
 
   ``feed`` is ``(K, accum, micro_batch)`` example indices for an embedded dataset,
@@ -119,14 +123,14 @@ def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransforma
   micro_batch, ...)`` arrays for host data; only its first ``num_steps`` rows are read.
   ``metrics`` are per-step arrays of length K (rows past ``num_steps`` are 0): ``loss``,
   and with ``gns`` the squared gradient norms ``grad_sq_small`` (mean
-  over groups or micro-batches) and ``grad_sq_big`` (the step's gradient).
+  over groups or micro-batches) and ``grad_sq_big`` (the step's gradient), measured at
+  the steps that are multiples of ``gns_every`` and NaN at the others.
   ``traces`` gets an entry each time the body is traced (once for a good program).
   """
   if gns not in (None, *GNS_SOURCES):
     raise ValueError(f"gns={gns!r}: must be None or one of {GNS_SOURCES}")
   prepare, get = micro_batches(workload, mesh, micro_batch)
   groups = gns_groups if gns == "groups" else 1
-  group_sharding = batch_sharding(mesh)  # the group axis on the data axis
 
   def loss_fn(params, model_state, batch, rng):
     out = workload.loss(params, model_state, batch, rng)
@@ -134,32 +138,76 @@ def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransforma
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def micro_grad(params, model_state, batch, key):
-    """(grad sum, loss sum, count, model state, sum over groups of |group mean grad|^2)."""
+  def plain_grad(params, model_state, batch, key):
+    (_, out), g = grad_fn(params, model_state, batch, key)
+    return g, out.loss_sum, out.count, out.model_state, jnp.float32(0.0)
+
+  def micro_grad(params, model_state, batch, key, measure):
+    """(grad sum, loss sum, count, model state, sum over groups of |group mean grad|^2,
+    which is 0 where not ``measure``)."""
     if groups == 1:
-      (_, out), g = grad_fn(params, model_state, batch, key)
-      return g, out.loss_sum, out.count, out.model_state, 0.0
-    grouped = jax.tree.map(lambda a: a.reshape(groups, a.shape[0] // groups, *a.shape[1:]),
-                           batch)
-    grouped = _constrain(grouped, group_sharding)
-    keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(jnp.arange(groups))
-    (_, out), g = jax.vmap(grad_fn, in_axes=(None, None, 0, 0))(params, model_state,
-                                                                 grouped, keys)
-    sq = jax.vmap(lambda gi, c: _sq_norm(jax.tree.map(lambda x: x / c, gi)))(g, out.count)
-    return (jax.tree.map(lambda x: jnp.sum(x, axis=0), g), jnp.sum(out.loss_sum),
-            jnp.sum(out.count), model_state, jnp.sum(sq))
+      return plain_grad(params, model_state, batch, key)
+
+    def grouped(params, model_state, batch, key):
+      g, loss_sum, count, sq = group_grads(params, model_state, batch, key, measure)
+      return g, loss_sum, count, model_state, sq
+    if local_groups == 1:  # a device's group is its share of the batch: no extra work
+      return grouped(params, model_state, batch, key)
+    # Several groups on a device cost smaller matrix products: only at measured steps.
+    return when(measure, grouped, plain_grad, params, model_state, batch, key)
+
+  devices = mesh.shape[DATA_AXIS]
+  if groups > 1 and groups % devices:
+    raise ValueError(f"gns_groups={groups}: must be a multiple of the {devices} devices")
+  local_groups = groups // devices
+
+  def device_groups(params, model_state, batch, key, measure):
+    """On one device (inside ``shard_map``): its groups' gradients, one after another,
+    each an ordinary gradient of a slice of its batch (no ``vmap``: batched matrix
+    products ran the digits step 40% slower on CPU, benchmarks/gns_cost.py); then one
+    all-reduce of their sum, as the plain step's, and of the squared norms."""
+    # The parameters vary by device from here, so each gradient stays this device's own
+    # (differentiating invariant parameters would all-reduce it).
+    params = jax.lax.pcast(params, DATA_AXIS, to="varying")
+    size = jax.tree.leaves(batch)[0].shape[0] // local_groups
+    first = jax.lax.axis_index(DATA_AXIS) * local_groups
+    total, loss_sum, count, parts = None, 0.0, 0.0, []
+    for j in range(local_groups):
+      part = jax.tree.map(lambda a, j=j: a[j * size:(j + 1) * size], batch)
+      (_, out), g = grad_fn(params, model_state, part, jax.random.fold_in(key, first + j))
+      total = g if total is None else jax.tree.map(jnp.add, total, g)
+      loss_sum, count = loss_sum + out.loss_sum, count + out.count
+      parts.append((g, out.count))
+
+    def norms(parts):
+      return sum(_sq_norm(g) / jnp.square(c) for g, c in parts)
+    sq = (when(measure, norms, lambda parts: jnp.zeros_like(parts[0][1]), parts)
+          if local_groups == 1
+          else norms(parts))  # several: this runs at measured steps only (micro_grad)
+    return jax.lax.psum((total, loss_sum, count, sq), DATA_AXIS)
+
+  group_grads = jax.shard_map(device_groups, mesh=mesh,
+                              in_specs=(P(), P(), P(DATA_AXIS), P(), P()), out_specs=P())
+
+  def when(measure, measured, otherwise, *operands):
+    """``measured(*operands)`` at the measured steps, else ``otherwise(*operands)``."""
+    if gns_every == 1:
+      return measured(*operands)
+    return jax.lax.cond(measure, measured, otherwise, *operands)
 
   def train_step(state: TrainState, data, step_feed):
     step_key = jax.random.fold_in(state.rng, state.step)
+    measure = state.step % gns_every == 0
 
     def accumulate(carry, xs):
       grads, loss_sum, count, model_state, sq_small = carry
       i, micro_feed = xs
       batch = get(data, micro_feed)
       g, micro_loss, micro_count, model_state, group_sq = micro_grad(
-          state.params, model_state, batch, jax.random.fold_in(step_key, i))
+          state.params, model_state, batch, jax.random.fold_in(step_key, i), measure)
       if gns == "micro_batches":
-        group_sq = _sq_norm(jax.tree.map(lambda x: x / micro_count, g))
+        group_sq = when(measure, lambda g: _sq_norm(g) / jnp.square(micro_count),
+                        lambda g: jnp.float32(0.0), g)
       return (jax.tree.map(jnp.add, grads, g), loss_sum + micro_loss, count + micro_count,
               model_state, sq_small + group_sq), None
 
@@ -179,8 +227,9 @@ def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransforma
                               model_state=model_state)
     metrics = {"loss": loss_sum / count}
     if gns is not None:
-      metrics["grad_sq_small"] = sq_small / (accum * groups)
-      metrics["grad_sq_big"] = _sq_norm(grads)
+      nan = jnp.float32(jnp.nan)
+      metrics["grad_sq_small"] = jnp.where(measure, sq_small / (accum * groups), nan)
+      metrics["grad_sq_big"] = when(measure, _sq_norm, lambda _: nan, grads)
     return new_state, metrics
 
   def train_call(state: TrainState, data, feed, num_steps):

@@ -53,7 +53,7 @@ final_train_eval           the same metrics on as many training examples (train-
 final_train_loss           mean train loss of the last step
 target                     {"metric", "value", "direction"} or None
 eval_history               list of {"examples", "step", "train_s", "metrics",
-                           "train_metrics", "b_simple"}
+                           "train_metrics", "b_simple", "gns_steps"}
 time_ledger                seconds per bucket: setup, compile, train, input_wait,
                            eval, checkpoint
 traces                     {"train": n, "eval": n}: times each program was traced
@@ -66,8 +66,10 @@ wall_s                     wall seconds of the trial (accumulated across resumes
 gns_source                 how the gradient noise scale was measured: micro_batches,
                            groups, or None (then gns_note says why)
 gns_b_small, gns_b_big     the two batch sizes of its estimate
+gns_every                  the norms were taken at every gns_every-th step
 b_simple                   B_simple = tr(Sigma)/|G|^2 at the eval that met the target
                            (else the last eval); every eval's is in eval_history
+gns_steps                  measured steps behind that b_simple (its moving averages')
 b_simple_final             B_simple at the end of the trial
 profile                    {"dir", "first_step", "last_step"} of the jax.profiler trace
                            (--profile_steps), else None
@@ -155,7 +157,8 @@ def make_row(spec: TrialSpec, *, status: str, ledger: TimeLedger | None = None,
       "params_hash": None, "restored_from_fallback": False, "notes": [],
       "profile": None,
       "gns_source": spec.gns_source, "gns_b_small": None, "gns_b_big": None,
-      "gns_note": spec.gns_note, "b_simple": None, "b_simple_final": None,
+      "gns_note": spec.gns_note, "gns_every": None, "b_simple": None, "gns_steps": None,
+      "b_simple_final": None,
       "provenance": provenance(), "measurement_version": spec.measurement_version,
       "spec": spec.to_dict(),
   }

@@ -357,6 +357,7 @@ class Trial:
       entry["train_metrics"] = train_metrics
     if loop.noise is not None:
       entry["b_simple"] = loop.noise.b_simple
+      entry["gns_steps"] = loop.noise.steps
     loop.history.append(entry)
     for observer in self.observers:
       observer.on_eval(loop.step, entry["examples"], metrics, entry.get("b_simple"))
@@ -373,7 +374,8 @@ class Trial:
     last = (at or loop.history or [{}])[-1]
     return {"gns_source": spec.gns_source, "gns_b_small": batches[0],
             "gns_b_big": batches[1], "gns_note": spec.gns_note,
-            "b_simple": last.get("b_simple"),
+            "gns_every": spec.gns_every if spec.gns_source else None,
+            "b_simple": last.get("b_simple"), "gns_steps": last.get("gns_steps"),
             "b_simple_final": loop.noise.b_simple if loop.noise else None}
 
   def _save(self, state) -> None:
