@@ -76,11 +76,16 @@ def test_trials_that_stopped_at_the_target_draw_no_conclusion():
 
 
 def test_noise_scale_is_set_beside_the_fit_or_said_to_be_missing():
-  best = [{"global_batch": b, "b_simple_median": v, "gns_note": None}
-          for b, v in ((32, 100.0), (64, 140.0), (128, 120.0))]
+  best = [{"global_batch": b, "b_simple_median": v, "gns_note": None, "gns_every": 8,
+           "b_simple_steps": n, "steps_to_target": s}
+          for b, v, n, s in ((32, 100.0, [40, 44], 50), (64, 140.0, [20], 30),
+                             (128, 120.0, [9, 12], None))]
   out = noise_scale(best, {"status": "ok", "b_crit": 60.0})
   assert out["median"] == 120.0 and out["ratio_to_b_crit"] == pytest.approx(2.0)
   assert "about 120" in out["text"] and "a ratio of 2" in out["text"]
+  # Its sample beside it: the fewest and most measured steps behind a value.
+  assert "each from 9 to 44 measured steps, one step in 8)" in out["text"]
+  assert "the last eval at batch 128, which missed it" in out["text"]
   missing = noise_scale([{"global_batch": 8, "b_simple_median": None,
                           "gns_note": "not measured: one device"}], {"status": "ok"})
   assert missing["median"] is None and "not measured (one device)" in missing["text"]

@@ -89,7 +89,8 @@ def best_per_batch(rows: list[Row], points: list[Row] | None = None) -> list[Row
     One dict per batch, by batch: the representative trial's row plus
     ``selection`` (how it was chosen), ``trials_at_batch``, ``seeds_at_lr``,
     ``seeds_reached``, ``seed_steps`` (per seed, None where missed), ``steps_min``/
-    ``steps_max`` over seeds, ``b_simple_median`` (the LR's trials), ``lr_interior``
+    ``steps_max`` over seeds, ``b_simple_median`` (the LR's trials) and the measured
+    steps behind each of its values (``b_simple_steps``), ``lr_interior``
     (the chosen LR has a tried LR on both sides), ``lrs_tried``; and from the point:
     ``samples_per_sec``, ``samples_per_sec_iqr``, ``timed_windows``,
     ``step_time_ms``, ``time_to_target_s`` (median steps x step time) and
@@ -122,9 +123,12 @@ def best_per_batch(rows: list[Row], points: list[Row] | None = None) -> list[Row
     seed_steps = [r["steps_to_target"] if reached(r) else None
                   for r in sorted(best["rows"], key=lambda r: r["seed"])]
     b_simple = [r["b_simple"] for r in best["rows"] if r.get("b_simple") is not None]
+    b_simple_steps = [r["gns_steps"] for r in best["rows"]
+                      if r.get("b_simple") is not None and r.get("gns_steps")]
     out.append({
         **rep, "selection": how, "trials_at_batch": len(trials), "seed_steps": seed_steps,
         "b_simple_median": statistics.median(b_simple) if b_simple else None,
+        "b_simple_steps": b_simple_steps,
         "seeds_at_lr": best["seeds"], "seeds_reached": best["reached"],
         "steps_to_target": steps, "examples_to_target": examples,
         "epochs_to_target": examples / train_size if examples and train_size else None,

@@ -41,9 +41,27 @@ def noise_scale(best: list[Row], fitted: dict[str, Any]) -> dict[str, Any]:
   median = statistics.median(per_batch.values())
   out["median"] = median
   lo, hi = min(per_batch.values()), max(per_batch.values())
-  text = (f"The gradient noise scale B_simple, measured online in the train step at the "
-          f"eval that met the target, is about {number(median)} (median over "
-          f"{len(per_batch)} batch sizes; {number(lo)} to {number(hi)})")
+  missed = [r["global_batch"] for r in best
+            if r["global_batch"] in per_batch and r.get("steps_to_target") is None]
+  at = "the eval that met the target" + (
+      f" (the last eval at batch{'es' if len(missed) > 1 else ''} "
+      f"{', '.join(number(b) for b in missed)}, which missed it)" if missed else "")
+  text = (f"The gradient noise scale B_simple, measured online in the train step at "
+          f"{at}, is about {number(median)} (median over "
+          f"{len(per_batch)} batch sizes; {number(lo)} to {number(hi)}")
+  # Its sample: the measured steps behind each batch's moving averages.
+  counts = [n for r in best if r.get("b_simple_median") is not None
+            for n in r.get("b_simple_steps") or ()]
+  every = sorted({r["gns_every"] for r in best if r.get("gns_every")})
+  if counts:
+    span = (number(min(counts)) if min(counts) == max(counts)
+            else f"{number(min(counts))} to {number(max(counts))}")
+    text += f"; each from {span} measured steps"
+    if every == [1]:
+      text += ", every step"
+    elif len(every) == 1:
+      text += f", one step in {every[0]}"
+  text += ")"
   if fitted.get("status") == "ok":
     ratio = median / fitted["b_crit"]
     out["ratio_to_b_crit"] = ratio
