@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 .venv/bin/ruff check .
 WORKERS="${TEST_WORKERS:-$(.venv/bin/python -c 'import os; print(min(4, len(os.sched_getaffinity(0))))')}"
-.venv/bin/python -m pytest -q -n "$WORKERS" --dist worksteal "$@"
+.venv/bin/python -m pytest -q -n "$WORKERS" --dist load "$@"

@@ -25,6 +25,13 @@ def load_config(name, arg=None):
   return module.get_config(arg)
 
 
+def pytest_collection_modifyitems(config, items):
+  """The tests marked slow first (in file order), then the rest: with several xdist
+  workers (scripts/test.sh) they then run beside the others instead of alone at the end."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(name="no_compile")
 def fixture_no_compile(monkeypatch):
   """Makes any compile an error: proves validation happens before compilation."""

@@ -67,6 +67,7 @@ def test_harness_spec_times_the_windows_asked_for():
   assert spec.lr == overhead.LR and spec.momentum == overhead.MOMENTUM
 
 
+@pytest.mark.slow
 def test_sweep_compile_benchmark_compiles_once_per_batch_and_keeps_results(capsys):
   assert sweep_compile.main(["--batches", "256,512"]) == 0
   out = capsys.readouterr().out
@@ -80,6 +81,7 @@ def test_sweep_compile_benchmark_compiles_once_per_batch_and_keeps_results(capsy
   assert "steps to target identical in all 6 trials: yes" in out
 
 
+@pytest.mark.slow
 def test_real_workloads_benchmark_runs_end_to_end(capsys):
   assert real_workloads.main(["--tiny", "--quick", "--cases", "resnet18/host,lm/pysrc",
                               "--resnet_batches", "8", "--lm_batches", "4",

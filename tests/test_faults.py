@@ -283,6 +283,7 @@ def _rows_in_file(workdir):
   return rows
 
 
+@pytest.mark.slow
 def test_sweep_killed_at_random_moments_resumes_to_the_uninterrupted_results(
     tmp_path, sweep_reference):
   from test_checkpoint import assert_same_result  # pylint: disable=g-import-not-at-top
@@ -358,6 +359,7 @@ def test_torn_last_results_line_is_ignored_and_its_trial_rerun(tmp_path):
   assert rerun["resumes"] == 1  # rebuilt from the trial's final checkpoint, not retrained
 
 
+@pytest.mark.slow
 def test_sigterm_under_process_isolation_is_forwarded_and_the_sweep_resumes(
     tmp_path, sweep_reference):
   """The sweep forwards SIGTERM to the trial's process: exit 75, no row, exact resume."""
@@ -386,6 +388,7 @@ def test_sigterm_under_process_isolation_is_forwarded_and_the_sweep_resumes(
   assert [p["point_id"] for p in results.read_points(workdir)] == [row["point_id"]]
 
 
+@pytest.mark.slow
 def test_sigterm_while_the_trial_process_starts_records_no_outcome(tmp_path, sweep_reference):
   from batchbench.store import checkpoint  # pylint: disable=g-import-not-at-top
   from test_checkpoint import assert_same_result  # pylint: disable=g-import-not-at-top
