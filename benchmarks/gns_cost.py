@@ -17,7 +17,7 @@ on/off of the medians, its range over repeats, and ``paired``: the median over a
 windows of (on window i / off window i of the same repeat), with a 95% bootstrap interval
 (as in ``overhead.py``). Cost = 1 - paired. It reports; it never asserts (exit 0).
 
-  .venv/bin/python benchmarks/gns_cost.py             # 3 cases, 5 repeats, about 2 minutes
+  .venv/bin/python benchmarks/gns_cost.py             # 4 cases, 5 repeats, about 3 minutes
   .venv/bin/python benchmarks/gns_cost.py --quick     # 1 case, 2 repeats
   .venv/bin/python benchmarks/gns_cost.py --every_steps=1   # the norms at every step
 """
@@ -48,19 +48,25 @@ from batchbench.runs import throughput  # noqa: E402  pylint: disable=wrong-impo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET = 0.02
-# (name, config fields): digits_mlp 64-256-256-10, SGD.
+# (name, config fields; "config" names configs/<config>.py, default digits_mlp: 64-256-256-10,
+# SGD, batch 1024). The LM: the byte-level transformer on the stdlib sources (host-fed),
+# d_model 64, 1 layer, 64 tokens, Adam, batch 64.
 CASES = (
     ("8 devices, per-device groups", {"global_batch": 1024, "num_devices": 8}),
     ("1 device, accum 4 micro-batches", {"global_batch": 1024, "num_devices": 1,
                                          "accum_steps": 4}),
     ("1 device, 4 groups of its batch", {"global_batch": 1024, "num_devices": 1,
                                          "gns.mode": "groups", "gns.groups": 4}),
+    ("LM, 8 devices, per-device groups", {
+        "config": "transformer_lm", "global_batch": 64, "num_devices": 8,
+        "workload_options.seq_len": 64, "workload_options.d_model": 64,
+        "workload_options.num_layers": 1, "workload_options.d_ff": 256}),
 )
 
 
-def base_config():
-  path = os.path.join(REPO, "configs", "digits_mlp.py")
-  module_spec = importlib.util.spec_from_file_location("digits_mlp_config", path)
+def base_config(name: str = "digits_mlp"):
+  path = os.path.join(REPO, "configs", f"{name}.py")
+  module_spec = importlib.util.spec_from_file_location(f"{name}_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config()
@@ -70,8 +76,10 @@ def specs(fields: dict, windows: int,
           every_steps: int | None = None) -> tuple[bb_config.TrialSpec, bb_config.TrialSpec]:
   """``(with the noise scale, without)`` for one case."""
   out = []
+  fields = dict(fields)
+  name = fields.pop("config", "digits_mlp")
   for mode in (fields.get("gns.mode", "auto"), "off"):
-    c = base_config()
+    c = base_config(name)
     if every_steps is not None:
       c.gns.every_steps = every_steps
     c.update_from_flattened_dict({**fields, "gns.mode": mode, "max_steps": 64,
@@ -130,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({env['device_count']} x {env['device_kind']})")  # pylint: disable=protected-access
   every = args.every_steps or base_config().gns.every_steps
   when = "every step" if every == 1 else f"one step in {every}"
-  print(f"# digits_mlp 64-256-256-10, SGD, batch 1024; the norms at {when} "
+  print(f"# digits_mlp 64-256-256-10, SGD, batch 1024 (the LM: d_model 64, 1 layer, 64 "
+        f"tokens, Adam, batch 64); the norms at {when} "
         f"(gns.every_steps={every}); throughput phases of >= {args.windows} windows, "
         f"{repeats} repeats each way, alternating")
   print(f"{'case':34s} {'source':>13s} {'on/s':>10s} {'off/s':>10s} {'ratio':>6s} "
