@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import ml_collections
 import numpy as np
@@ -261,19 +262,37 @@ def _throughput_settings(c) -> dict[str, float | int]:
 
 
 GNS_MODES = ("auto", "groups", "off")
-_HAS_STATE: dict[str, bool] = {}
-_HAS_CONV: dict[str, bool] = {}
 
 
-def _has_model_state(workload) -> bool:
-  """Whether the workload's model has mutable state (BatchNorm statistics): traced once."""
+class _Traits(NamedTuple):
+  """What in a workload's model settles how the harness runs it."""
+
+  has_state: bool  # mutable model state (BatchNorm statistics)
+  has_conv: bool  # convolutions
+
+
+_TRAITS: dict[str, _Traits] = {}
+
+
+def _traits(workload) -> _Traits:
+  """The model's traits, from one abstract trace of its init and loss (nothing runs and
+  nothing is placed on a device), once per workload."""
   import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from batchbench.data.arrays import MASK  # pylint: disable=g-import-not-at-top
   key = repr((workload.name, workload.example_spec))
-  if key not in _HAS_STATE:
-    # The key is made inside eval_shape: nothing is placed on a device.
-    _, state = jax.eval_shape(lambda: workload.init(jax.random.key(0), workload.batch_spec(1)))
-    _HAS_STATE[key] = bool(jax.tree.leaves(state))
-  return _HAS_STATE[key]
+  if key not in _TRAITS:
+    def init_and_loss():
+      params, model_state = workload.init(jax.random.key(0), workload.batch_spec(1))
+      batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in workload.batch_spec(2).items()}
+      batch[MASK] = jnp.ones((2,), jnp.float32)
+      return model_state, workload.loss(params, model_state, batch,
+                                        jax.random.key(1)).loss_sum
+    jaxpr, (state, _) = jax.make_jaxpr(init_and_loss, return_shape=True)()
+    _TRAITS[key] = _Traits(has_state=bool(jax.tree.leaves(state)),
+                           has_conv="conv_general_dilated" in str(jaxpr))
+  return _TRAITS[key]
 
 
 def _loops_slow_it(workload) -> bool:
@@ -281,23 +300,9 @@ def _loops_slow_it(workload) -> bool:
   with convolutions. XLA's CPU backend compiles convolution gradients inside a loop body
   10-30x slower than outside one (jax-ml/jax#12868; measured: ResNet-18 CIFAR at batch 16
   0.77 vs 25.5 samples/s, the Flax MNIST CNN at 32 148 vs 1,958), so such a workload runs
-  one step per call, which has no loop (``core.steps``). Traced once per workload, on
-  abstract values: nothing runs."""
+  one step per call, which has no loop (``core.steps``)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  from batchbench.data.arrays import MASK  # pylint: disable=g-import-not-at-top
-  if jax.default_backend() != "cpu":
-    return False
-  key = repr((workload.name, workload.example_spec))
-  if key not in _HAS_CONV:
-    def loss():
-      params, model_state = workload.init(jax.random.key(0), workload.batch_spec(1))
-      batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in workload.batch_spec(2).items()}
-      batch[MASK] = jnp.ones((2,), jnp.float32)
-      return workload.loss(params, model_state, batch, jax.random.key(1)).loss_sum
-    _HAS_CONV[key] = "conv_general_dilated" in str(jax.make_jaxpr(loss)())
-  return _HAS_CONV[key]
+  return jax.default_backend() == "cpu" and _traits(workload).has_conv
 
 
 def _noise_scale(c, workload, num_devices: int, accum_steps: int,
@@ -316,7 +321,7 @@ def _noise_scale(c, workload, num_devices: int, accum_steps: int,
            "one device without accumulation has no second batch size for free; set "
            "gns.mode=groups, or accum_steps >= 2")
     return None, 1, f"not measured: {why}"
-  if _has_model_state(workload):
+  if _traits(workload).has_state:
     require(g.mode != "groups", "gns.mode", g.mode,
             f"{workload.name} has model state (e.g. BatchNorm statistics) that groups "
             "would split; measure the noise scale with accum_steps >= 2 instead")

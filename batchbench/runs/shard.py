@@ -129,7 +129,6 @@ def process_index() -> int:
   return jax.process_index()
 
 
-
 def barrier(name: str) -> None:
   """Waits until every process of this shard got here (nothing with one process)."""
   import jax  # pylint: disable=g-import-not-at-top
