@@ -71,6 +71,17 @@ def test_auto_steps_per_call_aims_at_65536_examples_up_to_64_steps(batch, steps_
   assert spec.max_steps == 7  # a budget is exact: calls may run fewer than K steps
 
 
+def test_conv_models_on_cpu_get_one_step_per_call_unless_told():
+  # XLA:CPU runs convolution gradients far slower inside a loop body; a call of one step
+  # has none. Models without convolutions keep the automatic K.
+  cnn, mlp = load_config("mnist1d_cnn"), load_config("mnist1d_mlp")
+  assert cnn.steps_per_call == 0 and mlp.steps_per_call == 0  # chosen by the harness
+  assert resolve(cnn, 8).steps_per_call == 1
+  assert resolve(mlp, 8).steps_per_call > 1
+  cnn.steps_per_call = 4  # an explicit K is kept
+  assert resolve(cnn, 8).steps_per_call == 4
+
+
 def test_steps_per_call_is_a_maximum_not_a_divisor():
   # Any K is valid whatever the eval interval and budget: a trial's calls end at each.
   for k in (3, 16, 64):
