@@ -34,6 +34,11 @@ def number(value: Any) -> str:
   return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
+def batches(values: Sequence[Any]) -> str:
+  """``batch 1,024`` or ``batches 32, 64``: global batches named in a sentence."""
+  return f"batch{'es' if len(values) > 1 else ''} {', '.join(number(v) for v in values)}"
+
+
 def format_bytes(n: float | None) -> str:
   """A byte count for people, e.g. ``"12.3 MiB"``; None as ``"-"``."""
   if n is None:

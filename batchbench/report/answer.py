@@ -16,6 +16,7 @@ from typing import Any
 
 from batchbench.analysis import cost, fit
 from batchbench.analysis.generalization import generalization
+from batchbench import fmt
 from batchbench.fmt import number
 
 Row = dict[str, Any]
@@ -44,8 +45,7 @@ def noise_scale(best: list[Row], fitted: dict[str, Any]) -> dict[str, Any]:
   missed = [r["global_batch"] for r in best
             if r["global_batch"] in per_batch and r.get("steps_to_target") is None]
   at = "the eval that met the target" + (
-      f" (the last eval at batch{'es' if len(missed) > 1 else ''} "
-      f"{', '.join(number(b) for b in missed)}, which missed it)" if missed else "")
+      f" (the last eval at {fmt.batches(missed)}, which missed it)" if missed else "")
   text = (f"The gradient noise scale B_simple, measured online in the train step at "
           f"{at}, is about {number(median)} (median over "
           f"{len(per_batch)} batch sizes; {number(lo)} to {number(hi)}")

@@ -73,8 +73,7 @@ def mfu_text(value: float | None) -> str:
 
 
 def _batches(records: list[dict[str, Any]]) -> str:
-  batches = [fmt.number(r["global_batch"]) for r in records]
-  return f"batch{'es' if len(batches) > 1 else ''} {', '.join(batches)}"
+  return fmt.batches([r["global_batch"] for r in records])
 
 
 def flops_text(records: list[dict[str, Any]]) -> str:
