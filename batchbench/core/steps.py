@@ -132,6 +132,17 @@ def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransforma
   prepare, get = micro_batches(workload, mesh, micro_batch)
   groups = gns_groups if gns == "groups" else 1
 
+  devices = mesh.shape[DATA_AXIS]
+  if groups > 1 and groups % devices:
+    raise ValueError(f"gns_groups={groups}: must be a multiple of the {devices} devices")
+  local_groups = groups // devices
+
+  def when(measure, measured, otherwise, *operands):
+    """``measured(*operands)`` at the measured steps, else ``otherwise(*operands)``."""
+    if gns_every == 1:
+      return measured(*operands)
+    return jax.lax.cond(measure, measured, otherwise, *operands)
+
   def loss_fn(params, model_state, batch, rng):
     out = workload.loss(params, model_state, batch, rng)
     return out.loss_sum, out
@@ -155,11 +166,6 @@ def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransforma
       return grouped(params, model_state, batch, key)
     # Several groups on a device cost smaller matrix products: only at measured steps.
     return when(measure, grouped, plain_grad, params, model_state, batch, key)
-
-  devices = mesh.shape[DATA_AXIS]
-  if groups > 1 and groups % devices:
-    raise ValueError(f"gns_groups={groups}: must be a multiple of the {devices} devices")
-  local_groups = groups // devices
 
   def device_groups(params, model_state, batch, key, measure):
     """On one device (inside ``shard_map``): its groups' gradients, one after another,
@@ -188,12 +194,6 @@ def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransforma
 
   group_grads = jax.shard_map(device_groups, mesh=mesh,
                               in_specs=(P(), P(), P(DATA_AXIS), P(), P()), out_specs=P())
-
-  def when(measure, measured, otherwise, *operands):
-    """``measured(*operands)`` at the measured steps, else ``otherwise(*operands)``."""
-    if gns_every == 1:
-      return measured(*operands)
-    return jax.lax.cond(measure, measured, otherwise, *operands)
 
   def train_step(state: TrainState, data, step_feed):
     step_key = jax.random.fold_in(state.rng, state.step)
