@@ -12,5 +12,7 @@ __version__ = "0.2.0"
 
 # 1: issues 1-5 (per-trial timing). 2: a throughput phase per sweep point, LR and seed as
 # runtime values of one compiled program, stateful workloads with per-step RNG. 3: the
-# noise scale's norms at every gns.every_steps-th step only, groups in shard_map.
-MEASUREMENT_VERSION = 3
+# noise scale's norms at every gns.every_steps-th step only, groups in shard_map. 4: the
+# steps between measured ones are the plain step (no shard_map, no switch), and the
+# default split of one device's batch is 2 groups.
+MEASUREMENT_VERSION = 4

@@ -28,8 +28,8 @@ def get_config(arg=None):
   c.sweep.global_batches = (32, 64, 128, 256, 512, 1024)
   c.sweep.lr_multipliers = (0.5, 1.0, 2.0)
   c.sweep.seeds = (0,)
-  # One device has no second batch size for free: split each batch's gradient into 4
+  # One device has no second batch size for free: split each batch's gradient into 2
   # groups (same FLOPs, summed in another order) to measure the gradient noise scale.
   c.gns.mode = "groups"
-  c.gns.groups = 4
+  c.gns.groups = 2
   return c

@@ -102,6 +102,31 @@ def test_the_norms_are_taken_at_every_nth_step_only(overrides):
   assert row["eval_history"][-1]["gns_steps"] == 6
 
 
+@pytest.mark.parametrize("overrides", [
+    {"num_devices": 4},  # per-device groups
+    {"num_devices": 1, "gns.mode": "groups", "gns.groups": 2},  # a device's batch split
+    {"num_devices": 1, "accum_steps": 2},  # micro-batches
+])
+def test_calls_that_start_between_measured_steps_measure_the_same_steps(overrides):
+  """The measured steps are the multiples of every_steps wherever calls begin and end,
+  so a resumed or eval-split trial trains bit for bit as one long call does."""
+  spec = resolve(digits(**overrides, **{"gns.every_steps": 3, "steps_per_call": 8}), 8)
+  program = build(spec, flops=False)
+  feed = program.feed(spec.seed)
+  whole_state, whole = program.run(program.init_state(spec.seed, spec.lr), feed(0))
+  state, measured = program.init_state(spec.seed, spec.lr), {}
+  for first, n in ((0, 2), (2, 5), (7, 1)):
+    state, metrics = program.run(state, feed(first), n)
+    big = np.asarray(metrics["grad_sq_big"])[:n]
+    assert not np.asarray(metrics["grad_sq_big"])[n:].any()  # rows past the call: 0
+    measured.update({first + i: big[i] for i in np.flatnonzero(np.isfinite(big))})
+  assert sorted(measured) == [0, 3, 6]
+  np.testing.assert_array_equal([measured[s] for s in (0, 3, 6)],
+                                np.asarray(whole["grad_sq_big"])[[0, 3, 6]])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
+               jax.device_get(whole_state.params))
+
+
 def test_no_free_source_says_so_instead_of_guessing():
   one = resolve(digits(num_devices=1), 8)
   assert one.gns_source is None and one.gns_batches is None

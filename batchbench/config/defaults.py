@@ -85,14 +85,15 @@ def default_config() -> ml_collections.ConfigDict:
   # The gradient noise scale B_simple, measured in the train step from two batch sizes:
   # auto = when free (accumulation micro-batches, or 2+ devices for a model without
   # cross-example state); groups = also on one device, by splitting each batch's gradient
-  # into `groups` groups (same FLOPs, summed in another order); off.
+  # into `groups` groups (same FLOPs, summed in another order; 2 groups: a measured
+  # step cost 9% more on CPU, 4 groups 17%, benchmarks/gns_cost.py); off.
   c.gns = ml_collections.ConfigDict()
   c.gns.mode = "auto"
-  c.gns.groups = 4
+  c.gns.groups = 2
   c.gns.ema = 0.95  # decay of the moving averages of |G|^2 and tr(Sigma), per measured step
-  # Measure at steps 0, N, 2N, ... only: the norms (and, for groups on one device, the
-  # split) cost a few % of a step on CPU; every 8th step keeps that within 2%
-  # (benchmarks/gns_cost.py). 1: every step.
+  # Measure at steps 0, N, 2N, ... only; the steps between are the plain step. The norms
+  # (and, for groups on one device, the split) cost a measured step a few % on CPU; every
+  # 8th step keeps the whole within 2% (benchmarks/gns_cost.py). 1: every step.
   c.gns.every_steps = 8
   # The throughput phase: pure train calls per sweep point, timed in windows.
   c.throughput = ml_collections.ConfigDict()

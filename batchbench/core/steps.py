@@ -15,9 +15,9 @@ is sharded along the mesh's ``data`` axis; XLA inserts the gradient all-reduce
 statistics are global by default).
 
 The gradient noise scale needs the squared norms of gradients over two batch
-sizes (``analysis.noise``), taken at every ``gns_every``-th step (a ``lax.cond``
-on the step; the other steps are the plain step). They come without a second
-gradient:
+sizes (``analysis.noise``), taken at the steps that are multiples of ``gns_every``;
+the steps between are the plain step, run in a loop of their own (``train_call``).
+They come without a second gradient:
 
 * ``micro_batches``: each accumulation micro-batch's gradient (B_small = the
   micro-batch) and the step's (B_big = the global batch);
@@ -25,14 +25,17 @@ gradient:
   ``jax.shard_map`` over the data axis each device computes its groups' gradients
   (with G = the number of devices, just its own share of the batch's gradient, as the
   plain step does) and their squared norms; one all-reduce sums both: the same FLOPs
-  and communication as without. Groups need a model without cross-example state (no
-  BatchNorm statistics).
+  and communication as without. (XLA partitions the plain step itself; on CPU that
+  ran a transformer's step 3-7% faster than the same step in ``shard_map``, one more
+  reason why the unmeasured steps are plain.) Groups need a model without
+  cross-example state (no BatchNorm statistics).
 
 These functions only build Python callables; ``core.program`` compiles them.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -137,12 +140,6 @@ def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransforma
     raise ValueError(f"gns_groups={groups}: must be a multiple of the {devices} devices")
   local_groups = groups // devices
 
-  def when(measure, measured, otherwise, *operands):
-    """``measured(*operands)`` at the measured steps, else ``otherwise(*operands)``."""
-    if gns_every == 1:
-      return measured(*operands)
-    return jax.lax.cond(measure, measured, otherwise, *operands)
-
   def loss_fn(params, model_state, batch, rng):
     out = workload.loss(params, model_state, batch, rng)
     return out.loss_sum, out
@@ -153,61 +150,54 @@ def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransforma
     (_, out), g = grad_fn(params, model_state, batch, key)
     return g, out.loss_sum, out.count, out.model_state, jnp.float32(0.0)
 
-  def micro_grad(params, model_state, batch, key, measure):
-    """(grad sum, loss sum, count, model state, sum over groups of |group mean grad|^2,
-    which is 0 where not ``measure``)."""
-    if groups == 1:
-      return plain_grad(params, model_state, batch, key)
-
-    def grouped(params, model_state, batch, key):
-      g, loss_sum, count, sq = group_grads(params, model_state, batch, key, measure)
-      return g, loss_sum, count, model_state, sq
-    if local_groups == 1:  # a device's group is its share of the batch: no extra work
-      return grouped(params, model_state, batch, key)
-    # Several groups on a device cost smaller matrix products: only at measured steps.
-    return when(measure, grouped, plain_grad, params, model_state, batch, key)
-
-  def device_groups(params, model_state, batch, key, measure):
-    """On one device (inside ``shard_map``): its groups' gradients, one after another,
-    each an ordinary gradient of a slice of its batch (no ``vmap``: batched matrix
-    products ran the digits step 40% slower on CPU, benchmarks/gns_cost.py); then one
-    all-reduce of their sum, as the plain step's, and of the squared norms."""
-    # The parameters vary by device from here, so each gradient stays this device's own
-    # (differentiating invariant parameters would all-reduce it).
-    params = jax.lax.pcast(params, DATA_AXIS, to="varying")
+  def split_grads(params, model_state, batch, key, first):
+    """Gradient sum, loss sum, count and sum of squared mean-gradient norms of
+    ``local_groups`` slices of ``batch``, one ordinary gradient after another (no
+    ``vmap``: batched matrix products ran the digits step 40% slower on CPU,
+    benchmarks/gns_cost.py); ``first`` numbers the first slice's key."""
     size = jax.tree.leaves(batch)[0].shape[0] // local_groups
-    first = jax.lax.axis_index(DATA_AXIS) * local_groups
-    total, loss_sum, count, parts = None, 0.0, 0.0, []
+    total, loss_sum, count, sq = None, 0.0, 0.0, 0.0
     for j in range(local_groups):
       part = jax.tree.map(lambda a, j=j: a[j * size:(j + 1) * size], batch)
       (_, out), g = grad_fn(params, model_state, part, jax.random.fold_in(key, first + j))
       total = g if total is None else jax.tree.map(jnp.add, total, g)
       loss_sum, count = loss_sum + out.loss_sum, count + out.count
-      parts.append((g, out.count))
+      sq = sq + _sq_norm(g) / jnp.square(out.count)
+    return total, loss_sum, count, sq
 
-    def norms(parts):
-      return sum(_sq_norm(g) / jnp.square(c) for g, c in parts)
-    sq = (when(measure, norms, lambda parts: jnp.zeros_like(parts[0][1]), parts)
-          if local_groups == 1
-          else norms(parts))  # several: this runs at measured steps only (micro_grad)
-    return jax.lax.psum((total, loss_sum, count, sq), DATA_AXIS)
+  def device_groups(params, model_state, batch, key):
+    """On one device (inside ``shard_map``): its groups, then one all-reduce of their
+    gradients' sum, as the plain step's, and of the norms."""
+    # The parameters vary by device from here, so each gradient stays this device's own
+    # (differentiating invariant parameters would all-reduce it).
+    params = jax.lax.pcast(params, DATA_AXIS, to="varying")
+    first = jax.lax.axis_index(DATA_AXIS) * local_groups
+    return jax.lax.psum(split_grads(params, model_state, batch, key, first), DATA_AXIS)
 
-  group_grads = jax.shard_map(device_groups, mesh=mesh,
-                              in_specs=(P(), P(), P(DATA_AXIS), P(), P()), out_specs=P())
+  if devices == 1:  # nothing to all-reduce (in shard_map the split step ran ~5% slower)
+    local = lambda params, model_state, batch, key: split_grads(
+        params, model_state, batch, key, 0)
+  else:
+    local = jax.shard_map(device_groups, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P()),
+                          out_specs=P())
 
-  def train_step(state: TrainState, data, step_feed):
+  def group_grads(params, model_state, batch, key):
+    total, loss_sum, count, sq = local(params, model_state, batch, key)
+    return total, loss_sum, count, model_state, sq
+
+  def train_step(state: TrainState, data, step_feed, measure: bool):
+    """One optimizer step; ``measure`` (a Python bool: two traces) adds the norms."""
     step_key = jax.random.fold_in(state.rng, state.step)
-    measure = state.step % gns_every == 0
+    grad = group_grads if measure and groups > 1 else plain_grad
 
     def accumulate(carry, xs):
       grads, loss_sum, count, model_state, sq_small = carry
       i, micro_feed = xs
       batch = get(data, micro_feed)
-      g, micro_loss, micro_count, model_state, group_sq = micro_grad(
-          state.params, model_state, batch, jax.random.fold_in(step_key, i), measure)
-      if gns == "micro_batches":
-        group_sq = when(measure, lambda g: _sq_norm(g) / jnp.square(micro_count),
-                        lambda g: jnp.float32(0.0), g)
+      g, micro_loss, micro_count, model_state, group_sq = grad(
+          state.params, model_state, batch, jax.random.fold_in(step_key, i))
+      if measure and gns == "micro_batches":
+        group_sq = _sq_norm(g) / jnp.square(micro_count)
       return (jax.tree.map(jnp.add, grads, g), loss_sum + micro_loss, count + micro_count,
               model_state, sq_small + group_sq), None
 
@@ -228,8 +218,8 @@ def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransforma
     metrics = {"loss": loss_sum / count}
     if gns is not None:
       nan = jnp.float32(jnp.nan)
-      metrics["grad_sq_small"] = jnp.where(measure, sq_small / (accum * groups), nan)
-      metrics["grad_sq_big"] = when(measure, _sq_norm, lambda _: nan, grads)
+      metrics["grad_sq_small"] = sq_small / (accum * groups) if measure else nan
+      metrics["grad_sq_big"] = _sq_norm(grads) if measure else nan
     return new_state, metrics
 
   def train_call(state: TrainState, data, feed, num_steps):
@@ -238,21 +228,49 @@ def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransforma
     prepared = prepare(data, feed, state.rng)
     k = jax.tree.leaves(feed)[0].shape[0]
     row = lambda i: jax.tree.map(lambda a: a[i], feed)  # step i's feed
-    shapes = jax.eval_shape(lambda s: train_step(s, prepared, row(0))[1], state)
+    shapes = jax.eval_shape(lambda s: train_step(s, prepared, row(0), False)[1], state)
     buffers = jax.tree.map(lambda s: jnp.zeros((k, *s.shape), s.dtype), shapes)
 
-    def body(i, carry):
-      state, buffers = carry
-      state, metrics = train_step(state, prepared, row(i))
-      return state, jax.tree.map(lambda b, m: b.at[i].set(m), buffers, metrics)
+    def body(measure: bool):
+      def run(i, carry):
+        state, buffers = carry
+        state, metrics = train_step(state, prepared, row(i), measure)
+        return state, jax.tree.map(lambda b, m: b.at[i].set(m), buffers, metrics)
+      return run
 
+    carry = (state, buffers)
+    every = gns_every if gns is not None else 0  # 0: no step is measured
     if k == 1:
       # One step per call (the caller never asks for 0): no loop. XLA on CPU compiles
       # convolution gradients inside a loop body many times slower than outside one
       # (jax-ml/jax#12868; benchmarks/real_workloads.py), so conv models run K = 1.
       del num_steps
-      return body(0, (state, buffers))
-    return jax.lax.fori_loop(0, num_steps, body, (state, buffers))
+      if every <= 1:
+        return body(every == 1)(0, carry)
+      return jax.lax.cond(state.step % every == 0, partial(body(True), 0),
+                          partial(body(False), 0), carry)
+    if every <= 1:
+      return jax.lax.fori_loop(0, num_steps, body(every == 1), carry)
+    # The measured steps (global step a multiple of ``every``) are taken out of the loop
+    # of plain steps: the call is a loop over the blocks of ``every`` steps it touches,
+    # each the block's first step, measured (when the call has it: a loop of 0 or 1
+    # trips), then a loop of the block's plain steps. On CPU (digits, one device, 2
+    # groups, one step in 8) a ``lax.cond`` per step between the two cost 4-7%, a
+    # ``lax.cond`` per block on the measured step 4%, and this about 1%.
+    s0 = state.step
+    q = s0 // every
+
+    def block(b, carry):
+      start = (q + b) * every  # the block's first global step
+      lo = jnp.maximum(start, s0) - s0
+      hi = jnp.minimum(start + every, s0 + num_steps) - s0
+      has_first = start >= s0
+      mid = lo + has_first.astype(lo.dtype)
+      carry = jax.lax.fori_loop(lo, mid, body(True), carry)
+      return jax.lax.fori_loop(mid, hi, body(False), carry)
+
+    blocks = (s0 + num_steps - 1) // every - q + 1
+    return jax.lax.fori_loop(0, blocks, block, carry)
 
   return train_call
 
