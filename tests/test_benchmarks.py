@@ -112,11 +112,15 @@ def test_gns_cost_benchmark_compares_the_same_step_with_and_without_the_noise_sc
   assert on.program_key != off.program_key and on.global_batch == off.global_batch
   every_step, _ = gns_cost.specs(dict(gns_cost.CASES[0][1]), windows=3, every_steps=1)
   assert (on.gns_every, every_step.gns_source, every_step.gns_every) == (8, "groups", 1)
-  assert gns_cost.main(["--quick", "--windows", "3"]) == 0
+  assert gns_cost.main(["--quick"]) == 0
   out = capsys.readouterr().out
   [row] = [line for line in out.splitlines() if line.startswith(gns_cost.CASES[0][0])]
   fields = row[len(gns_cost.CASES[0][0]):].split()
   assert fields[0] == "groups" and fields[1] == "x8"
-  paired, pairs = float(fields[6]), int(fields[8])
-  assert 0.2 < paired < 5.0 and pairs >= 3 * 2  # 2 repeats of at least 3 window pairs
+  paired, windows, cost = float(fields[4]), int(fields[6]), float(fields[7].rstrip("%"))
+  assert 0.2 < paired < 5.0 and windows == 6
+  assert cost == pytest.approx((1 - paired) * 100, abs=0.06)
   assert "cost = 1 - paired" in out
+  # Beside it, the cost with the norms at every step, and that cost / 8.
+  every_cost, per_n = float(fields[8].rstrip("%")), float(fields[-1].rstrip("%"))
+  assert per_n == pytest.approx(every_cost / 8, abs=0.06)
