@@ -192,7 +192,7 @@ def test_rounding_is_the_float32_updates_distance_from_an_independent_float64_up
   state = program.init_state(spec.seed, spec.lr)
   before = jax.device_get(state.params)
   feed = program.feed(spec.seed)(0, 1)
-  after32 = jax.device_get(program.run(state, feed, 1)[0].params)
+  after32 = jax.device_get(program.run(state, feed, 1, step=0)[0].params)
   train = program.workload.data().train
   idx = feed[0].reshape(-1)
   # The peak LR is held in the float32 optimizer state, which the float64 update widens;

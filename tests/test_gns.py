@@ -127,6 +127,34 @@ def test_calls_that_start_between_measured_steps_measure_the_same_steps(override
                jax.device_get(whole_state.params))
 
 
+def test_one_step_per_call_runs_the_measured_call_at_the_measured_steps_only():
+  """K = 1 (conv models on CPU) has no loop to split: two calls, the host picks."""
+  spec = resolve(digits(num_devices=4, **{"gns.every_steps": 3, "steps_per_call": 1}), 8)
+  program = build(spec, flops=False)
+  assert program.train_measured is not None
+  feed, state = program.feed(spec.seed), program.init_state(spec.seed, spec.lr)
+  with pytest.raises(ValueError, match="step="):
+    program.run(state, feed(0))
+  measured, losses = [], []
+  for step in range(7):
+    state, metrics = program.run(state, feed(step), step=step)
+    if np.isfinite(np.asarray(metrics["grad_sq_big"])[0]):
+      measured.append(step)
+    losses.append(float(np.asarray(metrics["loss"])[0]))
+  assert measured == [0, 3, 6]
+  # The same training as with the norms at every step (one call, no choice to make).
+  every = build(resolve(digits(num_devices=4, **{"gns.every_steps": 1,
+                                                 "steps_per_call": 1}), 8), flops=False)
+  assert every.train_measured is None
+  state = every.init_state(spec.seed, spec.lr)
+  for step in range(7):
+    state, metrics = every.run(state, feed(step))
+    np.testing.assert_allclose(np.asarray(metrics["loss"])[0], losses[step], rtol=1e-5)
+  # A trial passes the steps: 16 steps, every 3rd measured.
+  row = run_trial(spec, log=None)
+  assert (row["gns_every"], row["gns_steps"]) == (3, 6)
+
+
 def test_no_free_source_says_so_instead_of_guessing():
   one = resolve(digits(num_devices=1), 8)
   assert one.gns_source is None and one.gns_batches is None

@@ -123,6 +123,7 @@ class Program:
       (so the one eval executable serves both), for train metrics; None when the
       training set is smaller than the test set.
     flops_per_step: XLA's FLOPs of one optimizer step, all devices (None if unknown).
+    train_measured: see the field.
   """
 
   spec: TrialSpec
@@ -135,6 +136,9 @@ class Program:
   eval_data: Any
   flops_per_step: float | None
   train_eval_data: Any = None
+  # With one step per call and the noise scale at one step in N: the measured step's
+  # call, which ``run`` calls at the measured steps (``train`` at the others).
+  train_measured: Callable[..., Any] | None = None
   # The eval call does not depend on the batch: programs of one workload and mesh may
   # share this one-element holder (ProgramCache does), so it is compiled once.
   eval_slot: list = dataclasses.field(default_factory=lambda: [None])
@@ -199,21 +203,31 @@ class Program:
     shapes = jax.eval_shape(lambda: _host_init(self.workload, self.tx, 0, self.spec.lr))
     return _abstract(shapes, replicated(self.mesh))
 
-  def run(self, state: TrainState, feed: Any, num_steps: int | None = None):
+  def run(self, state: TrainState, feed: Any, num_steps: int | None = None, *,
+          step: int | None = None):
     """One train call of ``num_steps`` steps (default K) on the host ``feed``; returns
     ``(state, metrics)`` with the metrics still on the device (K entries).
 
+    ``step`` is the call's first step (``state.step``, known to the caller without
+    waiting for the device); a program with ``train_measured`` needs it.
     Indices and keys are host arrays every process holds whole (the compiled call
     places them); host batches are this process's slice, assembled into global arrays.
     """
     n = self.steps_per_call if num_steps is None else num_steps
     if not 1 <= n <= self.steps_per_call:
       raise ValueError(f"num_steps={n}: a train call runs 1..{self.steps_per_call} steps")
+    call = self.train
+    if self.train_measured is not None:
+      if step is None:
+        raise ValueError("this program measures the noise scale at one step in "
+                         f"{self.spec.gns_every} with one step per call: run() needs step=")
+      if step % self.spec.gns_every == 0:
+        call = self.train_measured
     if self.workload.source == "host":
       sharding = batch_sharding(self.mesh, leading=2)
       feed = {name: jax.make_array_from_process_local_data(sharding, a)
               for name, a in feed.items()}
-    return self.train(state, self.data, feed, np.int32(n))
+    return call(state, self.data, feed, np.int32(n))
 
   def utilization(self, samples_per_sec: float | None) -> dict[str, Any]:
     """``utilization`` of this program at ``samples_per_sec``."""
@@ -387,15 +401,33 @@ def build(spec: TrialSpec, *, mesh: Mesh | None = None, abstract: bool = False,
   traces: list[int] = []
   feed = _feed_spec(workload, spec, k, mesh)
   num_steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
-  train = aot(steps.make_train_call(workload, mesh, tx, micro_batch=spec.micro_batch,
-                                    gns=spec.gns_source, gns_groups=spec.gns_groups,
-                                    gns_every=spec.gns_every, traces=traces),
-              (state, _abstract(data, repl), feed, num_steps),
-              (repl, repl, jax.tree.map(lambda f: f.sharding, feed), repl), repl, traces,
-              donate=(0,))
+
+  def compile_train(measured: bool | None, traces: list[int]) -> CompiledCall:
+    return aot(steps.make_train_call(workload, mesh, tx, micro_batch=spec.micro_batch,
+                                     gns=spec.gns_source, gns_groups=spec.gns_groups,
+                                     gns_every=spec.gns_every, measured=measured,
+                                     traces=traces),
+               (state, _abstract(data, repl), feed, num_steps),
+               (repl, repl, jax.tree.map(lambda f: f.sharding, feed), repl), repl, traces,
+               donate=(0,))
+
+  train_measured = None
+  if k == 1 and spec.gns_source and spec.gns_every > 1:
+    # One step per call, measured at one in gns_every: a plain and a measured call, and
+    # the host picks (steps.make_train_call). ``train`` reports both compiles.
+    train, measured = compile_train(False, traces), compile_train(True, [])
+    train_measured = measured.fn
+    train = dataclasses.replace(
+        train, compile_s=train.compile_s + measured.compile_s,
+        memory={key: None if v is None else max(v, measured.memory.get(key) or 0)
+                for key, v in train.memory.items()},
+        cached=train.cached and measured.cached)
+  else:
+    train = compile_train(None, traces)
   step_flops = flops_per_step(workload, spec, tx, shapes, data) if flops else None
   return Program(spec=spec, steps_per_call=k, workload=workload, mesh=mesh, tx=tx,
-                 train=train, data=data, eval_data=None if abstract else eval_data,
+                 train=train, train_measured=train_measured, data=data,
+                 eval_data=None if abstract else eval_data,
                  train_eval_data=None if abstract else train_eval_data,
                  flops_per_step=step_flops)
 

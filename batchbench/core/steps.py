@@ -35,7 +35,6 @@ These functions only build Python callables; ``core.program`` compiles them.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import jax
@@ -118,7 +117,8 @@ def micro_batches(workload: Workload, mesh: Mesh, micro_batch: int):
 
 def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransformation, *,
                     micro_batch: int, gns: str | None = None, gns_groups: int = 1,
-                    gns_every: int = 1, traces: list[int] | None = None):
+                    gns_every: int = 1, measured: bool | None = None,
+                    traces: list[int] | None = None):
   """The un-jitted train call ``(state, data, feed, num_steps) -> (state, metrics)``.
 
   ``feed`` is ``(K, accum, micro_batch)`` example indices for an embedded dataset,
@@ -127,7 +127,11 @@ def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransforma
   ``metrics`` are per-step arrays of length K (rows past ``num_steps`` are 0): ``loss``,
   and with ``gns`` the squared gradient norms ``grad_sq_small`` (mean
   over groups or micro-batches) and ``grad_sq_big`` (the step's gradient), measured at
-  the steps that are multiples of ``gns_every`` and NaN at the others.
+  the steps that are multiples of ``gns_every`` and NaN at the others. With one step
+  per call (K = 1) and ``gns_every`` > 1 there is no loop to split, and a ``lax.cond``
+  around the step ran convolution gradients several times slower on CPU: the caller
+  builds two calls, ``measured=False`` and ``measured=True``, and runs the measured one
+  at the measured steps (``core.program.Program.run``).
   ``traces`` gets an entry each time the body is traced (once for a good program).
   """
   if gns not in (None, *GNS_SOURCES):
@@ -247,8 +251,10 @@ def make_train_call(workload: Workload, mesh: Mesh, tx: optax.GradientTransforma
       del num_steps
       if every <= 1:
         return body(every == 1)(0, carry)
-      return jax.lax.cond(state.step % every == 0, partial(body(True), 0),
-                          partial(body(False), 0), carry)
+      if measured is None:
+        raise ValueError(f"one step per call with gns_every={every}: build a plain and a "
+                         "measured call (measured=False, measured=True)")
+      return body(measured)(0, carry)
     if every <= 1:
       return jax.lax.fori_loop(0, num_steps, body(every == 1), carry)
     # The measured steps (global step a multiple of ``every``) are taken out of the loop

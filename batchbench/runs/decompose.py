@@ -111,7 +111,7 @@ def one_update(program: Program) -> Any:
   seed's first batch (both independent of the split)."""
   spec = program.spec
   state = program.init_state(spec.seed, spec.lr)
-  new_state, _ = program.run(state, first_feed(program, spec.seed), 1)
+  new_state, _ = program.run(state, first_feed(program, spec.seed), 1, step=0)
   return jax.device_get(new_state.params)
 
 

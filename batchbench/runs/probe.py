@@ -359,7 +359,8 @@ def measure_device_peak(spec: TrialSpec, mesh, calls: int = 3,
   state = program.init_state(spec.seed, spec.lr)
   with program.feed(spec.seed) as feed:
     for i in range(calls):
-      state, metrics = program.run(state, feed(i * program.steps_per_call))
+      step = i * program.steps_per_call
+      state, metrics = program.run(state, feed(step), step=step)
   jax.block_until_ready((state, metrics))
   peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in mesh.devices.flat]
   peaks = [int(p) for p in peaks if p is not None]

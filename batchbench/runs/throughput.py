@@ -93,7 +93,7 @@ def _measure(spec: TrialSpec, program: Program, state, feed, hit: bool, obtain_s
       start = clock()
       call_feed = feed(step)
       wait[0] += clock() - start
-      state, metrics = program.run(state, call_feed)
+      state, metrics = program.run(state, call_feed, step=step)
       outs.append(metrics)
       if len(outs) > MAX_IN_FLIGHT:  # a bounded queue of calls (see MAX_IN_FLIGHT)
         jax.block_until_ready(outs[-MAX_IN_FLIGHT - 1])

@@ -237,7 +237,7 @@ class Trial:
         n = min(k, end - loop.step)
         with self.ledger.measure("input_wait"):
           call_feed = feed(loop.step, n)
-        state, metrics = program.run(state, call_feed, n)
+        state, metrics = program.run(state, call_feed, n, step=loop.step)
         losses.append((metrics, n))
         if len(losses) > MAX_IN_FLIGHT:  # a bounded queue of calls (see MAX_IN_FLIGHT)
           jax.block_until_ready(losses[-MAX_IN_FLIGHT - 1][0])
