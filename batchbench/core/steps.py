@@ -16,8 +16,9 @@ statistics are global by default).
 
 The gradient noise scale needs the squared norms of gradients over two batch
 sizes (``analysis.noise``), taken at the steps that are multiples of ``gns_every``;
-the steps between are the plain step, run in a loop of their own (``train_call``).
-They come without a second gradient:
+the steps between are the plain step, run in a loop of their own (``train_call``; with
+one step per call, a separate compiled call that the host picks by step). They come
+without a second gradient:
 
 * ``micro_batches``: each accumulation micro-batch's gradient (B_small = the
   micro-batch) and the step's (B_big = the global batch);
