@@ -216,13 +216,19 @@ class Program:
     n = self.steps_per_call if num_steps is None else num_steps
     if not 1 <= n <= self.steps_per_call:
       raise ValueError(f"num_steps={n}: a train call runs 1..{self.steps_per_call} steps")
-    call = self.train
     if self.train_measured is not None:
       if step is None:
         raise ValueError("this program measures the noise scale at one step in "
                          f"{self.spec.gns_every} with one step per call: run() needs step=")
-      if step % self.spec.gns_every == 0:
-        call = self.train_measured
+      if step % self.spec.gns_every:  # the plain call returns the loss alone
+        state, metrics = self._call(self.train, state, feed, n)
+        nan = np.full(self.steps_per_call, np.nan, np.float32)
+        return state, {**metrics, "grad_sq_small": nan, "grad_sq_big": nan}
+      return self._call(self.train_measured, state, feed, n)
+    return self._call(self.train, state, feed, n)
+
+  def _call(self, call: Callable[..., Any], state: TrainState, feed: Any, n: int):
+    """``call`` on the host ``feed``."""
     if self.workload.source == "host":
       sharding = batch_sharding(self.mesh, leading=2)
       feed = {name: jax.make_array_from_process_local_data(sharding, a)
