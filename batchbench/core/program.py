@@ -223,7 +223,7 @@ class Program:
       if step % self.spec.gns_every:  # the plain call returns the loss alone
         state, metrics = self._call(self.train, state, feed, n)
         nan = np.full(self.steps_per_call, np.nan, np.float32)
-        return state, {**metrics, "grad_sq_small": nan, "grad_sq_big": nan}
+        return state, {**metrics, **{name: nan for name in steps.GNS_METRICS}}
       return self._call(self.train_measured, state, feed, n)
     return self._call(self.train, state, feed, n)
 

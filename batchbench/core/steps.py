@@ -55,6 +55,8 @@ from batchbench.workloads.base import Workload
 # changing from call to call at a cost amortised over the call's steps.
 SYNTHETIC_POOL = 2
 GNS_SOURCES = ("micro_batches", "groups")
+# The per-step metrics of the noise scale's squared norms (NaN at unmeasured steps).
+GNS_METRICS = ("grad_sq_small", "grad_sq_big")
 
 
 def _constrain(tree: Any, sharding) -> Any:
